@@ -1,0 +1,1 @@
+"""Preference data: files and datasets -> PreferencePair records -> token ids -> batches."""

@@ -1,0 +1,36 @@
+"""The one record type for preference data.
+
+Every source (files, ``datasets``, generated samples, judges) is converted once, at the edge, into
+``PreferencePair``. Nothing downstream looks at raw rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+Message = dict  # {"role": str, "content": str}
+Text = Union[str, list]  # plain text, or a list of chat messages
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One prompt with a preferred (``chosen``) and a dispreferred (``rejected``) completion.
+
+    Standard pairs hold plain strings: the model sees ``prompt + chosen`` and ``prompt + rejected``
+    verbatim. Conversational pairs hold chat messages: ``prompt`` is the conversation so far and
+    ``chosen``/``rejected`` are the assistant message(s) that continue it; the tokenizer's chat
+    template renders them.
+    """
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    source: str = ""
+    """Where the pair came from (file or dataset name), for error messages."""
+    row: int = 0
+    """1-based row number within ``source`` (0 when unknown)."""
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
