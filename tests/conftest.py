@@ -1,0 +1,38 @@
+"""Shared fixtures. Tests are CPU-only and offline; real assets are read in place from ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+HH_TEST = SHARED / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    """The real pretrained 260K-parameter Llama (HF format) from ../shared."""
+    assert STORIES.is_dir(), f"{STORIES} is missing: tests need ../shared beside the checkout"
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def hh_path() -> Path:
+    """2,312 real human preference pairs (Anthropic HH-RLHF harmless-base test split)."""
+    assert HH_TEST.is_file(), f"{HH_TEST} is missing: tests need ../shared beside the checkout"
+    return HH_TEST
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer(stories_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(stories_dir)
