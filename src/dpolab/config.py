@@ -1,0 +1,260 @@
+"""Typed configuration: one dataclass, one docstring per field, validated on construction.
+
+The docstring under each field is the single source of its ``--help`` text (read with ``ast`` by
+``field_docs``), so the CLI, the YAML keys and the Python API can never disagree. Values are merged
+as: dataclass defaults < YAML file (``--config``) < command-line flags.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Everything `dpolab train` needs. Construct it in Python or from YAML + flags."""
+
+    # --- what to train on ---------------------------------------------------------------------
+    model: str = ""
+    """Policy to train: a local folder with a Hugging Face causal LM, or a hub name (e.g. org/model). It is also the frozen reference."""
+    data: str = ""
+    """Training preference pairs: .jsonl/.json/.parquet/.csv (optionally .gz), a datasets.save_to_disk folder, or a hub dataset name."""
+    output_dir: str = ""
+    """Folder for config.yaml, metrics.jsonl, checkpoints/ and final/. Nothing is written there until the data validates."""
+    data_split: str = "train"
+    """Split to read from a hub dataset or a DatasetDict folder."""
+    eval_data: Optional[str] = None
+    """Held-out preference pairs for evaluation (same formats as --data). Excludes --eval-split."""
+    eval_split: float = 0.0
+    """Fraction of --data held out for evaluation (e.g. 0.05) when no --eval-data is given; 0 disables."""
+
+    # --- the objective -------------------------------------------------------------------------
+    loss: str = "sigmoid"
+    """Preference loss from the registry: sigmoid (DPO; alias dpo), ipo, hinge."""
+    beta: float = 0.1
+    """Strength of the KL constraint to the reference: higher stays closer to it."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed probability that a preference label is flipped, in [0, 0.5)."""
+    reference: Literal["precompute", "model"] = "precompute"
+    """precompute: score the data with the frozen initial model once and cache it on disk (fast, no second copy in memory); model: keep a frozen copy and score every batch."""
+
+    # --- optimisation --------------------------------------------------------------------------
+    learning_rate: float = 5e-6
+    """Peak AdamW learning rate."""
+    batch_size: int = 8
+    """Preference pairs per micro-batch (each pair is two sequences: chosen and rejected)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; the effective batch is batch_size x grad_accum pairs."""
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed). Ignored when --max-steps is set."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides --epochs)."""
+    warmup_ratio: float = 0.1
+    """Fraction of the steps over which the learning rate rises linearly from 0 to its peak."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 0
+    """Seed for shuffling, the eval split and initialisation: the same seed gives the same run."""
+
+    # --- sequences -----------------------------------------------------------------------------
+    max_length: int = 1024
+    """Longest prompt + completion in tokens; completions are cut to fit."""
+    max_prompt_length: int = 512
+    """Longest prompt in tokens; longer prompts keep their last tokens (and the BOS token)."""
+
+    # --- hardware ------------------------------------------------------------------------------
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast where the CPU/GPU has fast bf16 units, else fp32. Master weights stay fp32."""
+    device: str = "auto"
+    """Where to train: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+    eval_batch_size: Optional[int] = None
+    """Pairs per batch for evaluation and the reference pass (default: 2 x batch_size)."""
+
+    # --- monitoring and outputs ----------------------------------------------------------------
+    logging_steps: int = 10
+    """Write a metrics row every N optimizer steps (the first and last steps are always logged)."""
+    eval_steps: Optional[int] = None
+    """Evaluate every N optimizer steps (default: only at the end). Needs eval data."""
+    early_stopping_patience: Optional[int] = None
+    """Stop when eval loss has not improved for this many evaluations. Needs --eval-steps."""
+    save_steps: Optional[int] = None
+    """Save a checkpoint to checkpoints/step-N/ every N optimizer steps (default: only final/)."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also send metrics to a tracker (metrics.jsonl is always written)."""
+    run_name: Optional[str] = None
+    """Name of the run in trackers (default: the output folder's name)."""
+    progress: bool = True
+    """Show progress bars."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code (only for models you trust)."""
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        _validate(self)
+
+    # --- helpers -------------------------------------------------------------------------------
+    @property
+    def effective_eval_batch_size(self) -> int:
+        return self.eval_batch_size or 2 * self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        return cls(**{**read_yaml(path), **overrides})
+
+
+REQUIRED = ("model", "data", "output_dir")
+
+
+def _check(ok: bool, field: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(field, problem, fix)
+
+
+def _validate(c: TrainConfig) -> None:
+    for name in REQUIRED:
+        _check(bool(getattr(c, name)), name, "is required",
+               f"pass --{name.replace('_', '-')} or set '{name}' in the YAML file")
+    _check(c.beta > 0, "beta", f"must be > 0, got {c.beta}", "typical values are 0.01 to 0.5")
+    _check(0 <= c.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {c.label_smoothing}",
+           "0 is plain DPO; 0.1 assumes 10% of labels are flipped")
+    _check(c.learning_rate > 0, "learning_rate", f"must be > 0, got {c.learning_rate}", "try 5e-6")
+    for name in ("batch_size", "grad_accum", "logging_steps"):
+        _check(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}", "use a positive integer")
+    for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience", "eval_batch_size"):
+        v = getattr(c, name)
+        _check(v is None or v >= 1, name, f"must be >= 1, got {v}", "use a positive integer or leave it unset")
+    _check(c.epochs > 0, "epochs", f"must be > 0, got {c.epochs}", "use e.g. 1 or 0.5, or set --max-steps")
+    _check(0 <= c.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {c.warmup_ratio}", "try 0.1")
+    _check(c.weight_decay >= 0, "weight_decay", f"must be >= 0, got {c.weight_decay}", "try 0.0")
+    _check(c.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {c.max_grad_norm}", "0 disables clipping")
+    _check(0 <= c.eval_split < 1, "eval_split", f"must be in [0, 1), got {c.eval_split}", "try 0.05")
+    _check(not (c.eval_data and c.eval_split), "eval_split", "cannot be combined with eval_data",
+           "give either --eval-data or --eval-split")
+    _check(c.max_length >= 2, "max_length", f"must be >= 2, got {c.max_length}", "try 1024")
+    _check(1 <= c.max_prompt_length < c.max_length, "max_prompt_length",
+           f"must be in [1, max_length={c.max_length}), got {c.max_prompt_length}",
+           "leave room for the completion, e.g. half of max_length")
+    has_eval = bool(c.eval_data or c.eval_split)
+    _check(c.eval_steps is None or has_eval, "eval_steps", "needs eval data", "add --eval-data or --eval-split")
+    _check(c.early_stopping_patience is None or c.eval_steps is not None, "early_stopping_patience",
+           "needs periodic evaluation", "add --eval-steps N (and eval data)")
+    from .losses import LOSSES  # late import: losses do not depend on the config
+
+    _check(c.loss in LOSSES, "loss", f"unknown loss '{c.loss}'", _suggest(c.loss, LOSSES, "choose one of"))
+    _check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda") or c.device == "mps",
+           "device", f"unknown device '{c.device}'", "use auto, cpu, cuda or cuda:N")
+
+
+# ---------------------------------------------------------------------------------------------
+# Field metadata: types and docstrings, shared by the CLI and the YAML reader
+# ---------------------------------------------------------------------------------------------
+
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """Map each dataclass field to the docstring written under it in the class body."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def field_kind(cls: type, name: str) -> tuple[type, tuple | None, bool]:
+    """(base type, choices or None, optional?) of a field, from its annotation."""
+    hint = typing.get_type_hints(cls)[name]
+    optional = False
+    if typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if typing.get_origin(hint) is Literal:
+        return str, typing.get_args(hint), optional
+    return hint, None, optional
+
+
+def _coerce_types(cfg: Any) -> None:
+    """Check (and gently convert) every field's type, so YAML typos fail here, named."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        base, choices, optional = field_kind(type(cfg), f.name)
+        if value is None:
+            _check(optional or f.name in REQUIRED, f.name, "must not be empty", "give a value or remove the key")
+            continue
+        setattr(cfg, f.name, _convert(f.name, value, base, choices))
+
+
+def _convert(name: str, value: Any, base: type, choices: tuple | None) -> Any:
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(name, f"expected true or false, got {value!r}", "write true or false")
+    if base in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(name, f"expected a number, got {value!r}", f"write a {base.__name__}")
+        try:
+            out = base(value) if not (base is int and isinstance(value, float) and not value.is_integer()) else None
+        except (TypeError, ValueError):
+            out = None
+        if out is None or (base is float and out != out):
+            raise ConfigError(name, f"expected a {'whole number' if base is int else 'number'}, got {value!r}",
+                              f"write e.g. --{name.replace('_', '-')} {'8' if base is int else '0.1'}")
+        return out
+    if not isinstance(value, (str, Path)):
+        raise ConfigError(name, f"expected text, got {type(value).__name__} {value!r}", "quote the value")
+    value = str(value)
+    if choices is not None and value not in choices:
+        raise ConfigError(name, f"unknown value '{value}'", _suggest(value, choices, "choose one of"))
+    return value
+
+
+def _suggest(word: str, options, lead: str) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"{hint}{lead}: {', '.join(sorted(options))}"
+
+
+def read_yaml(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
+    """Read a YAML config file into field values (dashes in keys are accepted), rejecting unknown keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", f"file not found: {p}", "check the path given to --config")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError("config", f"{p} is not valid YAML{where}", "fix the syntax (key: value per line)") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"{p} must hold a mapping of keys to values, found {type(raw).__name__}",
+                          "write one 'key: value' per line")
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ConfigError(str(key), f"unknown key in {p}", _suggest(name, names, "valid keys are"))
+        out[name] = value
+    return out

@@ -1,0 +1,90 @@
+"""Per-sequence log-probabilities of completion tokens.
+
+log π(y|x) = Σ_t log softmax(W·h_t)[y_t], summed over completion positions only (prompt and padding
+are masked). The LM head and the log-softmax are applied only to the hidden states that predict a
+completion token, in chunks, so the full batch × length × vocabulary logits tensor is never built;
+during training each chunk is recomputed in the backward pass instead of being stored.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# Above this many logits (tokens × vocabulary) a chunk is recomputed in backward instead of stored.
+RECOMPUTE_ABOVE = 1 << 25
+
+
+def split_model(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]] | None:
+    """(backbone that returns hidden states, head that maps them to logits), or None if unknown.
+
+    Works for any transformers ``*ForCausalLM`` whose base model sits under ``base_model_prefix``
+    and whose output embedding is the LM head; final-logit soft-capping (Gemma 2) and logit scaling
+    (Cohere) are applied as those models do.
+    """
+    prefix = getattr(model, "base_model_prefix", None)
+    backbone = getattr(model, prefix, None) if prefix else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None or backbone is model:
+        return None
+    cfg = getattr(model, "config", None)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+
+    def head_fn(h: Tensor) -> Tensor:
+        logits = head(h)
+        if scale is not None:
+            logits = logits * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return backbone, head_fn
+
+
+def _token_logps(head_fn: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(head(hidden))[targets] in fp32, for a [N, H] chunk."""
+    logits = head_fn(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logps(head_fn: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor,
+                        vocab_size: int, chunk_tokens: int = 2048) -> Tensor:
+    """Token log-probs for [N, H] hidden states, ``chunk_tokens`` rows at a time."""
+    parts = []
+    recompute = torch.is_grad_enabled() and chunk_tokens * vocab_size > RECOMPUTE_ABOVE
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        if recompute:
+            parts.append(checkpoint(_token_logps, head_fn, h, t, use_reentrant=False))
+        else:
+            parts.append(_token_logps(head_fn, h, t))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
+                   *, chunk_tokens: int = 2048) -> Tensor:
+    """Sum of log π(token | prefix) over positions where ``loss_mask`` is 1, per row: shape [B], fp32.
+
+    ``loss_mask[b, t] = 1`` marks ``input_ids[b, t]`` as a completion token to score. Position t is
+    predicted by the hidden state at t − 1, so the first token of a row is never scored.
+    """
+    predict = loss_mask[:, 1:].bool()  # which next-token predictions count
+    targets = input_ids[:, 1:][predict]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predict)[predict]
+    parts = split_model(model)
+    if parts is None:  # unknown layout: fall back to the full logits the model returns
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        hidden, head_fn = logits[:, :-1][predict], (lambda x: x)
+        vocab = logits.shape[-1]
+    else:
+        backbone, head_fn = parts
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state[:, :-1][predict]
+        vocab = model.config.vocab_size
+    token_logps = chunked_token_logps(head_fn, hidden, targets, vocab, chunk_tokens)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    return sums.index_add(0, rows, token_logps)

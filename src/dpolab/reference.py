@@ -1,0 +1,122 @@
+"""The frozen reference policy π_ref.
+
+Two interchangeable strategies, both answering ``logps(batch, split) -> (chosen [B], rejected [B])``:
+
+* ``PrecomputedReference`` (default): before the first optimizer step, the initial model scores every
+  pair once (no grad, length-sorted batches) and the results are cached on disk, keyed by a
+  fingerprint of the model weights, the token ids and the precision, so a rerun skips the pass.
+  Because the pass runs before any update, the reference can never be the trained policy.
+* ``ModelReference``: a frozen copy of the initial model that scores each batch as it comes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .data.batching import PairBatch, collate_pairs
+from .data.tokenize import TokenizedPair
+from .logprobs import sequence_logps
+from .runtime import Runtime
+
+CACHE_VERSION = "1"
+
+
+def pair_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[Tensor, Tensor]:
+    """(log π(chosen|prompt), log π(rejected|prompt)) for every pair of the batch, in one forward."""
+    logps = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    return logps[: batch.num_pairs], logps[batch.num_pairs:]
+
+
+@torch.no_grad()
+def score_pairs(model: torch.nn.Module, pairs: list[TokenizedPair], rt: Runtime, *, batch_size: int,
+                pad_token_id: int, desc: str = "scoring", progress: bool = True) -> Tensor:
+    """Log-probs of every pair as a [max index + 1, 2] fp32 tensor (column 0 chosen, 1 rejected)."""
+    table = torch.full((max((p.index for p in pairs), default=-1) + 1, 2), float("nan"))
+    # Longest first: similar lengths share a batch (little padding) and memory peaks at once.
+    order = sorted(pairs, key=lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)),
+                   reverse=True)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(order), desc=desc, unit="pair", disable=not (progress and rt.is_main))
+    for start in range(0, len(order), batch_size):
+        batch = collate_pairs(order[start:start + batch_size], pad_token_id).to(rt.device)
+        with rt.autocast():
+            chosen, rejected = pair_logps(model, batch)
+        table[batch.index.cpu(), 0] = chosen.float().cpu()
+        table[batch.index.cpu(), 1] = rejected.float().cpu()
+        bar.update(batch.num_pairs)
+    bar.close()
+    model.train(was_training)
+    return table
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap hash of the weights: names, shapes, dtypes and float64 sums of every parameter."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{float(p.detach().sum(dtype=torch.float64)):.10e};".encode())
+    return h.hexdigest()
+
+
+def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(repr((p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
+    return h.hexdigest()
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by pair index from tables computed once before training."""
+
+    def __init__(self, tables: dict[str, Tensor]):
+        self.tables = tables
+
+    def logps(self, batch: PairBatch, split: str) -> tuple[Tensor, Tensor]:
+        rows = self.tables[split][batch.index.cpu()].to(batch.input_ids.device)
+        return rows[:, 0], rows[:, 1]
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, splits: dict[str, list[TokenizedPair]], rt: Runtime, *,
+              cache_dir: Path | None, batch_size: int, pad_token_id: int, progress: bool = True,
+              say=print) -> "PrecomputedReference":
+        key = hashlib.sha256(
+            f"{CACHE_VERSION}|{model_fingerprint(model)}|{rt.precision}|".encode()
+            + "|".join(f"{s}:{data_fingerprint(p)}" for s, p in sorted(splits.items())).encode()
+        ).hexdigest()[:16]
+        path = cache_dir / f"reference-{key}.pt" if cache_dir is not None else None
+        if path is not None and path.is_file():
+            say(f"reference log-probs: reusing cache {path}")
+            return cls(torch.load(path, map_location="cpu", weights_only=True))
+        tables = {
+            split: score_pairs(model, pairs, rt, batch_size=batch_size, pad_token_id=pad_token_id,
+                               desc=f"reference log-probs ({split})", progress=progress)
+            for split, pairs in splits.items()
+        }
+        if path is not None and rt.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(tables, tmp)
+            tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        return cls(tables)
+
+
+class ModelReference:
+    """A frozen copy of the initial policy, scoring each batch under ``no_grad``."""
+
+    def __init__(self, model: torch.nn.Module, rt: Runtime):
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+        self.rt = rt
+
+    @torch.no_grad()
+    def logps(self, batch: PairBatch, split: str) -> tuple[Tensor, Tensor]:
+        with self.rt.autocast():
+            chosen, rejected = pair_logps(self.model, batch)
+        return chosen.float(), rejected.float()

@@ -1,0 +1,78 @@
+"""Where the computation happens: device, precision, process rank.
+
+Device placement, precision casts, cross-process reductions and the "am I the process that writes
+files" question each live here and only here, so the training loop reads the same on one CPU core
+and on many GPUs (data-parallel launch builds on ``world_size``/``reduce_sum``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """True where bf16 matmuls run on dedicated units (CUDA with bf16, CPUs with AVX512-BF16/AMX).
+
+    On CPUs without them bf16 is emulated and far slower than fp32, so ``auto`` picks fp32 there.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str  # "bf16" or "fp32" (resolved, never "auto")
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def create(cls, device: str = "auto", precision: str = "auto") -> "Runtime":
+        dev = resolve_device(device)
+        if precision == "auto":
+            precision = "bf16" if bf16_is_fast(dev) else "fp32"
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        return cls(device=dev, precision=precision, rank=rank, world_size=world)
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files, logs metrics and shows progress bars."""
+        return self.rank == 0
+
+    def autocast(self):
+        """Mixed precision for the forward pass: bf16 compute, fp32 master weights and losses."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over all processes (identity in a single process)."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
