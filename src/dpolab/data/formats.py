@@ -1,0 +1,294 @@
+"""Preference-data formats: detect the layout of raw rows and convert them into ``PreferencePair``.
+
+Four layouts are understood. The first row decides which one a dataset uses; every later row must use
+the same one.
+
+==================================  =============================================================
+``standard``                        ``{"prompt": str, "chosen": str, "rejected": str}``
+``implicit_prompt``                 ``{"chosen": str, "rejected": str}``: whole transcripts (the
+                                    Anthropic HH "\\n\\nHuman: ... \\n\\nAssistant: ..." layout); the
+                                    prompt is their shared prefix up to the last "Assistant:" in it
+``conversational``                  ``{"prompt": [messages], "chosen": [messages] | message, ...}``
+``conversational_implicit_prompt``  ``{"chosen": [messages], "rejected": [messages]}``: whole
+                                    conversations; the prompt is everything before the final
+                                    assistant message
+==================================  =============================================================
+
+A message is ``{"role": "system" | "user" | "assistant" | "tool", "content": str}``. Keys other than
+``prompt``/``chosen``/``rejected`` are ignored (datasets often carry ids and scores). Text is kept
+verbatim, whitespace included, because it changes tokenization. Pairs whose chosen and rejected
+completions are equal teach nothing and are dropped (counted in ``LoadedData.dropped``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from dpolab.data.records import PreferencePair
+from dpolab.errors import DataError
+
+STANDARD = "standard"
+IMPLICIT_PROMPT = "implicit_prompt"
+CONVERSATIONAL = "conversational"
+CONVERSATIONAL_IMPLICIT_PROMPT = "conversational_implicit_prompt"
+FORMATS = (STANDARD, IMPLICIT_PROMPT, CONVERSATIONAL, CONVERSATIONAL_IMPLICIT_PROMPT)
+
+ROLES = ("system", "user", "assistant", "tool")
+ASSISTANT_MARKER = "Assistant:"
+"""Marks the start of an assistant turn in implicit-prompt transcripts."""
+
+_EXPECTED_KEYS = {
+    STANDARD: ("prompt", "chosen", "rejected"),
+    IMPLICIT_PROMPT: ("chosen", "rejected"),
+    CONVERSATIONAL: ("prompt", "chosen", "rejected"),
+    CONVERSATIONAL_IMPLICIT_PROMPT: ("chosen", "rejected"),
+}
+
+
+@dataclass
+class LoadedData:
+    """The pairs read from one source, and what happened on the way."""
+
+    pairs: list[PreferencePair]
+    format: str
+    """One of ``FORMATS``: the layout detected from the first row."""
+    rows_read: int
+    """Rows in the source (kept + dropped)."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Reason -> number of rows dropped, e.g. ``{"identical": 3}``."""
+    source: str = ""
+    """The file, folder or hub dataset name the rows came from."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One raw row and where it came from, so every error can name the file and row."""
+
+    source: str
+    number: int
+    data: dict
+
+    def error(self, problem: str, field: str | None = None, fix: str = "") -> DataError:
+        return DataError(self.source, problem, row=self.number, field=field, fix=fix)
+
+
+def describe(value: Any) -> str:
+    """A short, one-line description of a value's type and content for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"bool {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"text {shown!r}"
+    if isinstance(value, dict):
+        return f"an object with keys {_key_list(value)}"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item{'s' if len(value) != 1 else ''}"
+    return f"a {type(value).__name__}"
+
+
+def _key_list(data: dict, limit: int = 12) -> str:
+    keys = [repr(str(k)) for k in data]
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return "[" + ", ".join(keys[:limit]) + more + "]"
+
+
+def _text(row: _Row, name: str) -> str:
+    value = row.data[name]
+    if not isinstance(value, str):
+        raise row.error(f"expected text (a string), found {describe(value)}", field=name)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Format detection
+
+
+def detect_format(row: _Row) -> str:
+    """The layout of one row: decided by ``prompt`` when present, else by ``chosen``."""
+    missing = [k for k in ("chosen", "rejected") if k not in row.data]
+    if missing:
+        raise _missing_keys(row, missing, ("prompt (optional)", "chosen", "rejected"))
+    explicit = "prompt" in row.data
+    name = "prompt" if explicit else "chosen"
+    value = row.data[name]
+    if isinstance(value, str):
+        return STANDARD if explicit else IMPLICIT_PROMPT
+    if isinstance(value, (list, dict)):
+        return CONVERSATIONAL if explicit else CONVERSATIONAL_IMPLICIT_PROMPT
+    raise row.error(f"expected text (a string) or a list of chat messages, found {describe(value)}",
+                    field=name)
+
+
+def _missing_keys(row: _Row, missing: list[str], expected: Iterable[str]) -> DataError:
+    return row.error(
+        f"missing key{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)}: "
+        f"found keys {_key_list(row.data)}, expected {', '.join(expected)}",
+        fix="rename the columns or convert the data to one of the supported layouts")
+
+
+def _check_same_format(row: _Row, kind: str, fmt: str, first: int) -> None:
+    """Raise when ``row`` (of layout ``kind``) does not match the dataset's layout ``fmt``."""
+    if kind == fmt:
+        return
+    if "prompt" in _EXPECTED_KEYS[fmt] and "prompt" not in row.data:
+        raise _missing_keys(row, ["prompt"], _EXPECTED_KEYS[fmt])
+    raise row.error(f"row {row.number} is {kind} but row {first} is {fmt}",
+                    fix="every row of a dataset must use the same layout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard (plain text) rows
+
+
+def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """Split two whole transcripts into ``(prompt, chosen, rejected)``.
+
+    The prompt is their shared prefix up to and including the last ``"Assistant:"`` marker inside that
+    prefix; the completions are what follows (leading space kept, e.g. ``" Sure, ..."``). Returns
+    ``None`` when the shared prefix holds no marker.
+    """
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(ASSISTANT_MARKER)
+    if cut < 0:
+        return None
+    cut += len(ASSISTANT_MARKER)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _convert_standard(row: _Row) -> tuple[str, str, str]:
+    return _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected")
+
+
+def _convert_implicit(row: _Row) -> tuple[str, str, str]:
+    parts = split_implicit_prompt(_text(row, "chosen"), _text(row, "rejected"))
+    if parts is None:
+        raise row.error(
+            f"chosen and rejected share no prefix ending in {ASSISTANT_MARKER!r}, so the prompt "
+            "cannot be inferred",
+            fix="add an explicit 'prompt' column holding the text before the completions")
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversational (chat message) rows
+
+
+def _message(value: Any, row: _Row, name: str) -> dict:
+    """Validate one chat message; returns a copy without null-valued keys.
+
+    Null keys come from columnar storage (parquet, ``datasets``), which gives every message every key
+    any message has; they were never in the user's data.
+    """
+    if not isinstance(value, dict):
+        raise row.error(f"expected a chat message (an object with 'role' and 'content'), found "
+                        f"{describe(value)}", field=name)
+    for key in ("role", "content"):
+        if key not in value:
+            raise row.error(f"message has no {key!r}: found keys {_key_list(value)}", field=name)
+        if not isinstance(value[key], str):
+            raise row.error(f"expected text (a string), found {describe(value[key])}",
+                            field=f"{name}.{key}")
+    if value["role"] not in ROLES:
+        raise row.error(f"unknown role {value['role']!r}, expected one of {', '.join(ROLES)}",
+                        field=f"{name}.role")
+    return {k: v for k, v in value.items() if v is not None}
+
+
+def _messages(row: _Row, name: str, *, allow_single: bool) -> list[dict]:
+    """Validate a list of chat messages (or, where allowed, one message dict, made into a list)."""
+    value = row.data[name]
+    if allow_single and isinstance(value, dict):
+        return [_message(value, row, name)]
+    if not isinstance(value, (list, tuple)):
+        raise row.error(f"expected a list of chat messages, found {describe(value)}", field=name)
+    if not value:
+        raise row.error("expected a list of chat messages, found an empty list", field=name)
+    return [_message(m, row, f"{name}[{i}]") for i, m in enumerate(value)]
+
+
+def _check_assistant(messages: list[dict], row: _Row, name: str, offset: int = 0) -> None:
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            raise row.error(f"completions must be assistant messages, found role "
+                            f"{message['role']!r}", field=f"{name}[{i + offset}].role")
+
+
+def _convert_conversational(row: _Row) -> tuple[list, list, list]:
+    prompt = _messages(row, "prompt", allow_single=False)
+    chosen = _messages(row, "chosen", allow_single=True)
+    rejected = _messages(row, "rejected", allow_single=True)
+    _check_assistant(chosen, row, "chosen")
+    _check_assistant(rejected, row, "rejected")
+    return prompt, chosen, rejected
+
+
+def _convert_conversational_implicit(row: _Row) -> tuple[list, list, list]:
+    """Prompt = the messages before the final assistant turn, which chosen and rejected must share."""
+    chosen = _messages(row, "chosen", allow_single=False)
+    rejected = _messages(row, "rejected", allow_single=False)
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        _check_assistant(messages[-1:], row, name, offset=len(messages) - 1)
+        if len(messages) < 2:
+            raise row.error("no prompt messages before the final assistant message", field=name,
+                            fix="include the conversation so far, or add an explicit 'prompt' column")
+    prompt = chosen[:-1]
+    if rejected[:-1] != prompt:
+        at = next((i for i, (a, b) in enumerate(zip(prompt, rejected)) if a != b),
+                  min(len(prompt), len(rejected) - 1))
+        raise row.error(f"chosen and rejected differ at message {at}, before their final assistant "
+                        "message, so the prompt cannot be inferred", field=f"rejected[{at}]",
+                        fix="add an explicit 'prompt' column with the shared conversation")
+    return prompt, chosen[-1:], rejected[-1:]
+
+
+_CONVERTERS = {
+    STANDARD: _convert_standard,
+    IMPLICIT_PROMPT: _convert_implicit,
+    CONVERSATIONAL: _convert_conversational,
+    CONVERSATIONAL_IMPLICIT_PROMPT: _convert_conversational_implicit,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole datasets
+
+
+def to_pairs(rows: Iterable[tuple[int, dict]], source: str) -> LoadedData:
+    """Convert ``(row number, row dict)`` items from one source into ``LoadedData``.
+
+    The first row fixes the layout; a later row in another layout, a missing key, a wrong type or an
+    invalid message raises ``DataError`` naming the source, row and field. Rows whose chosen equals
+    rejected are dropped; if no row is left (or there were none), that is an error too.
+    """
+    pairs: list[PreferencePair] = []
+    dropped: dict[str, int] = {}
+    fmt, first, rows_read = "", 0, 0
+    for number, data in rows:
+        rows_read += 1
+        row = _Row(source, number, data)
+        kind = detect_format(row)
+        if not fmt:
+            fmt, first = kind, number
+        _check_same_format(row, kind, fmt, first)
+        prompt, chosen, rejected = _CONVERTERS[fmt](row)
+        if chosen == rejected:
+            dropped["identical"] = dropped.get("identical", 0) + 1
+            continue
+        pairs.append(PreferencePair(prompt, chosen, rejected, source=source, row=number))
+    if rows_read == 0:
+        raise DataError(source, "no rows found", fix="the source must hold at least one preference pair")
+    if not pairs:
+        raise DataError(source, f"all {rows_read} rows were dropped ({_reasons(dropped)})",
+                        fix="chosen and rejected must differ for a pair to be usable")
+    return LoadedData(pairs=pairs, format=fmt, rows_read=rows_read, dropped=dropped, source=source)
+
+
+def _reasons(dropped: dict[str, int]) -> str:
+    labels = {"identical": "chosen equals rejected"}
+    return ", ".join(f"{n} {labels.get(k, k)}" for k, n in dropped.items())
