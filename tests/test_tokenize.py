@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import time
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -277,11 +276,9 @@ def _hh_pairs(path) -> list[PreferencePair]:
     return pairs
 
 
-def test_hh_invariants_and_speed(hh_path, stories_tokenizer):
+def test_hh_invariants(hh_path, stories_tokenizer):
     pairs = _hh_pairs(hh_path)
-    start = time.perf_counter()
     items, stats = tokenize_pairs(pairs, stories_tokenizer, max_length=512, max_prompt_length=256)
-    assert time.perf_counter() - start < 20  # a few seconds on a laptop
     assert stats.kept + sum(stats.dropped.values()) == len(pairs) == 2312
     for item in items:
         assert item.prompt_ids[0] == BOS and item.prompt_ids.count(BOS) == 1
@@ -292,3 +289,8 @@ def test_hh_invariants_and_speed(hh_path, stories_tokenizer):
     first = next(item for item in items if len(item.prompt_ids) < 256)
     text = stories_tokenizer.decode(first.prompt_ids + first.chosen_ids, skip_special_tokens=True)
     assert text == pairs[first.index].prompt + pairs[first.index].chosen
+
+
+def test_empty_prompt_starts_from_bos_or_eos(stories_tokenizer):
+    item, _ = _one(PreferencePair("", "Once", "upon"), stories_tokenizer)
+    assert item.prompt_ids == [BOS] and item.chosen_ids[-1] == EOS

@@ -38,6 +38,8 @@ class TrainResult:
     eval_metrics: dict = field(default_factory=dict)
     """The last evaluation (``eval_*`` keys), empty without eval data."""
     stopped_early: bool = False
+    model: object = field(default=None, repr=False)
+    """The trained policy, in memory (the same weights as ``output_dir/final``)."""
 
 
 def optimizer_steps(pairs: list[TokenizedPair], config: TrainConfig, rt: Runtime,
@@ -102,7 +104,7 @@ def _loop(config, rt, model, tokenizer, data, reference, loss_fn, out: Path, say
                            enabled=rt.is_main)
     say(f"training: {len(data.train):,} pairs, {per_epoch:,} steps per epoch, {total_steps:,} steps, "
         f"precision {rt.precision}, device {rt.device}, reference {config.reference}, loss {config.loss}")
-    result = TrainResult(output_dir=out, steps=0)
+    result = TrainResult(output_dir=out, steps=0, model=model)
     window, tokens, best_eval, bad_evals = MetricSums(), 0, math.inf, 0
     start = time.perf_counter()
     bar = tqdm(total=total_steps, desc="training", unit="step", disable=not (config.progress and rt.is_main))

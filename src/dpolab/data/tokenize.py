@@ -10,7 +10,9 @@ both completions, and only completion tokens are scored. The rules below are the
    is encoded with ``add_special_tokens=False``, and a leading ``BOS BOS`` that still appears is
    reduced to one. Tokenizers without BOS (GPT-2 style) get none, and no ``None`` is ever inserted.
    Special tokens a tokenizer appends *after* the text (e.g. Llama's ``add_eos_token=True``) are
-   removed, since they would sit between the prompt and its completion.
+   removed, since they would sit between the prompt and its completion. An empty prompt becomes
+   ``[BOS]`` (``[EOS]`` for tokenizers without BOS, the GPT-2 convention), so that the first
+   completion token is scored too.
 2. **Exact boundary, "joint, then split"**: ``prompt_text + completion_text`` is encoded jointly
    with the prompt's special-token setting. If the joint ids start with the prompt ids, the
    completion ids are the rest of the joint ids; this keeps sentencepiece/Metaspace tokenizers
@@ -271,6 +273,8 @@ def _fit(index: int, encoded, max_length: int, max_prompt_length: int, specials:
     """Rule 5: truncate one encoded pair, or drop it (counted in ``stats``) and return ``None``."""
     prompt, chosen, rejected, fallbacks = encoded
     prompt, prompt_cut = _keep_last(prompt, max_prompt_length, specials.bos_id)
+    if not prompt:  # nothing to condition the first completion token on: start from BOS (or EOS)
+        prompt = [specials.bos_id if specials.bos_id is not None else specials.eos_id]
     room = max_length - len(prompt)
     if room < 1:
         return _drop(stats, "prompt_too_long")
