@@ -26,6 +26,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse prints its whole usage block on a bad flag; keep the one-line error contract instead."""
+
+    def error(self, message: str):
+        self.exit(2, f"dpolab: {message} (see '{self.prog} --help')\n")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--kebab-case`` flag per dataclass field; defaults are suppressed so that only the flags the
     user typed override the YAML file."""
@@ -50,8 +57,8 @@ def _metavar(base: type, choices) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpolab", description="Align causal language models on preference "
-                                     "data with Direct Preference Optimization.")
+    parser = _Parser(prog="dpolab", description="Align causal language models on preference "
+                     "data with Direct Preference Optimization.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="train a causal LM on preference pairs (DPO and its family)",
                            description="Train a Hugging Face causal LM on preference pairs (prompt, chosen, "

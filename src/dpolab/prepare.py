@@ -28,6 +28,9 @@ class PreparedData:
 def load_tokenizer(config: TrainConfig):
     from transformers import AutoTokenizer
 
+    name = config.model  # a path that is missing would otherwise surface as a confusing hub-id error
+    if (Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1) and not Path(name).exists():
+        raise ConfigError("model", f"folder not found: {name}", "check the path, or pass a hub name like org/model")
     try:
         tok = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -131,10 +134,16 @@ def split_pairs(pairs: list, fraction: float, seed: int, source: str) -> tuple[l
     return ([p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held])
 
 
-def prepare_output_dir(config: TrainConfig, rt: Runtime) -> Path:
+def check_output_dir(config: TrainConfig) -> None:
+    """Refuse an output path that is a file up front, before the model is loaded."""
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError("output_dir", f"'{out}' exists and is not a folder", "choose another --output-dir")
+
+
+def prepare_output_dir(config: TrainConfig, rt: Runtime) -> Path:
+    out = Path(config.output_dir)
+    check_output_dir(config)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
     return out

@@ -21,7 +21,8 @@ from .config import TrainConfig
 from .data.batching import PairBatch, collate_pairs, epoch_batches
 from .data.tokenize import TokenizedPair
 from .losses import get_loss
-from .prepare import (check_tracker, load_model, load_tokenizer, prepare_data, prepare_output_dir)
+from .prepare import (check_output_dir, check_tracker, load_model, load_tokenizer, prepare_data,
+                      prepare_output_dir)
 from .reference import ModelReference, PrecomputedReference
 from .runtime import Runtime, seed_everything
 from .steps import (MetricSums, build_optimizer, clip_gradients, evaluate, lr_factor, pair_losses,
@@ -74,6 +75,7 @@ def train(config: TrainConfig) -> TrainResult:
     say = print if rt.is_main else (lambda *a, **k: None)
     seed_everything(config.seed)
     check_tracker(config.report_to)
+    check_output_dir(config)
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)  # raises on bad input before anything is written
     model = load_model(config, rt)
