@@ -108,3 +108,22 @@ def test_schedule_warmup_and_decay():
     assert factors[2] == pytest.approx(1.0) and factors[-1] == pytest.approx(1 - 7 / 8)
     assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(9, 10, 0, "constant") == 1.0
+
+
+def test_same_seed_same_run_and_other_seed_differs(tmp_path, tiny_model_dir, copy_data):
+    a = rows_of(dpolab.train(config(tmp_path / "a", tiny_model_dir, copy_data, max_steps=4)).output_dir)
+    b = rows_of(dpolab.train(config(tmp_path / "b", tiny_model_dir, copy_data, max_steps=4)).output_dir)
+    c = rows_of(dpolab.train(config(tmp_path / "c", tiny_model_dir, copy_data, max_steps=4, seed=1)).output_dir)
+    drop = ("elapsed_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in b]
+    assert [r["logps/chosen"] for r in a] != [r["logps/chosen"] for r in c]  # another shuffling order
+
+
+def test_bf16_autocast_path_trains(tmp_path, tiny_model_dir, copy_data):
+    result = dpolab.train(config(tmp_path, tiny_model_dir, copy_data, precision="bf16", max_steps=2))
+    rows = rows_of(result.output_dir)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=2e-2)  # reference and policy both in bf16
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert next(result.model.parameters()).dtype == torch.float32  # master weights stay fp32
+    assert "precision: bf16" in (result.output_dir / "config.yaml").read_text()

@@ -17,6 +17,10 @@ from .errors import ConfigError, DataError
 from .runtime import Runtime
 
 
+PROGRESS_MIN_PAIRS = 20_000
+"""Tokenizing fewer pairs takes a second or two: no progress bar for it."""
+
+
 @dataclass
 class PreparedData:
     train: list[TokenizedPair]
@@ -44,7 +48,10 @@ def load_tokenizer(config: TrainConfig):
 def load_model(config: TrainConfig, rt: Runtime) -> torch.nn.Module:
     """The policy, with fp32 master weights (bf16 compute comes from autocast) and dropout off."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if not config.progress:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32,
                                                      trust_remote_code=config.trust_remote_code)
@@ -88,7 +95,8 @@ def _load_line(name: str, loaded: LoadedData) -> str:
 def _tokenize(name: str, source: str, pairs: list[PreferencePair], tokenizer,
               config: TrainConfig) -> tuple[list[TokenizedPair], list[str]]:
     tokenized, stats = tokenize_pairs(pairs, tokenizer, max_length=config.max_length,
-                                      max_prompt_length=config.max_prompt_length, show_progress=config.progress)
+                                      max_prompt_length=config.max_prompt_length,
+                                      show_progress=config.progress and len(pairs) >= PROGRESS_MIN_PAIRS)
     if not tokenized:
         raise DataError(source, f"no {name} pair fits max_length={config.max_length} "
                         f"(dropped: {stats.dropped})", fix="raise --max-length or lower --max-prompt-length")
