@@ -86,3 +86,12 @@ def test_registry_accepts_user_losses():
             get_loss("nope")
     finally:
         LOSSES.pop("test_user_margin")
+
+
+def test_sft_is_length_normalised_nll_of_chosen():
+    pc = t(-6.0)
+    loss = LOSSES["sft"](pc, t(-1.0), None, None, beta=0.1, chosen_lengths=torch.tensor([3]),
+                         rejected_lengths=torch.tensor([1]))
+    loss.backward()
+    assert LOSSES["sft"].reference_free
+    assert loss.item() == pytest.approx(2.0) and pc.grad.item() == pytest.approx(-1 / 3)

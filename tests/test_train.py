@@ -127,3 +127,15 @@ def test_bf16_autocast_path_trains(tmp_path, tiny_model_dir, copy_data):
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
     assert next(result.model.parameters()).dtype == torch.float32  # master weights stay fp32
     assert "precision: bf16" in (result.output_dir / "config.yaml").read_text()
+
+
+def test_reference_free_loss_skips_the_reference_pass(tmp_path, tiny_model_dir, copy_data, monkeypatch):
+    from dpolab import reference
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference pass ran for a reference-free loss")
+
+    monkeypatch.setattr(reference.PrecomputedReference, "build", refuse)
+    result = dpolab.train(config(tmp_path, tiny_model_dir, copy_data, loss="sft", max_steps=20))
+    rows = rows_of(result.output_dir)
+    assert rows[-1]["logps/chosen"] > rows[0]["logps/chosen"]  # NLL on chosen goes down

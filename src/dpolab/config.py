@@ -43,7 +43,7 @@ class TrainConfig:
 
     # --- the objective -------------------------------------------------------------------------
     loss: str = "sigmoid"
-    """Preference loss from the registry: sigmoid (DPO; alias dpo), ipo, hinge."""
+    """Preference loss from the registry: sigmoid (DPO; alias dpo), ipo, hinge, sft (reference-free NLL on the chosen completion, i.e. Preferred-FT)."""
     beta: float = 0.1
     """Strength of the KL constraint to the reference: higher stays closer to it."""
     label_smoothing: float = 0.0
@@ -113,6 +113,10 @@ class TrainConfig:
     @property
     def effective_eval_batch_size(self) -> int:
         return self.eval_batch_size or 2 * self.batch_size
+
+    def loss_hyperparameters(self) -> dict[str, Any]:
+        """Keyword arguments every loss function receives besides beta and the lengths."""
+        return {"label_smoothing": self.label_smoothing}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

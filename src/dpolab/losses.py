@@ -88,6 +88,16 @@ def hinge_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tenso
     return torch.relu(1 - beta * log_ratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected))
 
 
+@register_loss("sft", reference_free=True)
+def sft_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Optional[Tensor],
+             ref_rejected: Optional[Tensor], *, chosen_lengths: Tensor, **_: object) -> Tensor:
+    """Supervised fine-tuning on the chosen completion ("Preferred-FT"): −log π(y_w|x) / |y_w|.
+
+    Reference-free; mixed with DPO it is the RPO objective (a later ``--loss sigmoid,sft``).
+    """
+    return -policy_chosen / chosen_lengths.clamp(min=1)
+
+
 def preference_metrics(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Optional[Tensor],
                        ref_rejected: Optional[Tensor], beta: float) -> dict[str, Tensor]:
     """Per-pair quantities practitioners watch (shape [B] each; the caller averages).

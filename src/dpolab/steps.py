@@ -26,8 +26,8 @@ def pair_losses(model: torch.nn.Module, batch: PairBatch, reference, loss_fn: Lo
         policy_chosen, policy_rejected = pair_logps(model, batch)
     ref_chosen, ref_rejected = reference.logps(batch, split) if reference is not None else (None, None)
     losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=config.beta,
-                     label_smoothing=config.label_smoothing, chosen_lengths=batch.chosen_lengths,
-                     rejected_lengths=batch.rejected_lengths)
+                     chosen_lengths=batch.chosen_lengths, rejected_lengths=batch.rejected_lengths,
+                     **config.loss_hyperparameters())
     metrics = preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config.beta)
     metrics["loss"] = losses.detach()
     return losses, metrics
