@@ -303,9 +303,15 @@ SAMPLES = {
     "seed": 42, "max_length": 600, "max_prompt_length": 40, "precision": "bf16", "device": "cpu",
     "eval_batch_size": 5, "logging_steps": 3, "eval_steps": 4, "early_stopping_patience": 2, "save_steps": 6,
     "report_to": "wandb", "run_name": "exp-1", "progress": False, "trust_remote_code": True,
+    "loss_weights": "0.8,0.2", "exo_epsilon": 0.01, "discopop_tau": 0.1, "dpop_lambda": 5.0, "simpo_gamma": 1.0,
+    "f_divergence": "js", "f_alpha": 0.25, "wpo": True, "ld_alpha": 0.5, "desirable_weight": 1.5,
+    "undesirable_weight": 0.75, "ref_sync_steps": 8, "ref_sync_alpha": 0.5,
+    "allow_pickle": True, "resume": "runs/x/checkpoints/step-2", "resume_force": True, "save_total_limit": 2,
+    "max_skipped_steps": 3, "strict": True,
 }
 NEEDS = {"eval_steps": {"eval_data": "heldout.jsonl"},
-         "early_stopping_patience": {"eval_data": "heldout.jsonl", "eval_steps": 4}}
+         "early_stopping_patience": {"eval_data": "heldout.jsonl", "eval_steps": 4},
+         "loss_weights": {"loss": "ipo,sft"}, "ref_sync_steps": {"reference": "model"}}
 BASE = {"model": "org/model", "data": "prefs.jsonl", "output_dir": "runs/x"}
 
 

@@ -46,8 +46,10 @@ def test_values_from_text_are_converted():
 
 
 def test_suggestions_for_typos():
-    with pytest.raises(ConfigError, match="did you mean 'dpo'"):
-        TrainConfig(**BASE, loss="dpp")
+    with pytest.raises(ConfigError, match="did you mean 'sigmoid'"):
+        TrainConfig(**BASE, loss="sigmod")
+    with pytest.raises(ConfigError, match="did you mean 'simpo'"):
+        TrainConfig(**BASE, loss="sigmoid,simpoo")  # each name of a mix is checked
 
 
 def test_yaml_keys_with_dashes_and_unknown_keys(tmp_path):

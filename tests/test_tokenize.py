@@ -236,7 +236,8 @@ def test_drops_are_counted(stories_tokenizer):
     assert items == [TokenizedPair([BOS] + ONCE, THERE_GIRL[:3], NAMED_LILY + [EOS], 0)]
     assert stats == TokenizeStats(kept=1, dropped={"prompt_too_long": 1,
                                                    "identical_after_truncation": 2},
-                                  prompt_truncated=0, completion_truncated=1, boundary_fallbacks=0)
+                                  prompt_truncated=0, completion_truncated=1, boundary_fallbacks=0,
+                                  first_dropped={"prompt_too_long": 1, "identical_after_truncation": 2})
 
 
 # --- errors --------------------------------------------------------------------------------------

@@ -42,7 +42,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         base, choices, _ = field_kind(cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = docs.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
-        if base is bool:
+        if "const" in f.metadata:  # flag alone means the const (e.g. --resume = latest checkpoint)
+            parser.add_argument(flag, dest=f.name, nargs="?", const=f.metadata["const"], default=argparse.SUPPRESS,
+                                help=help_text, metavar="PATH")
+        elif base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
         else:
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", metavar="YAML", help="YAML file whose keys are any of the flags below "
                        "(with _ or -); flags given on the command line override it")
     add_config_arguments(train, TrainConfig)
+    from .commands import add_commands  # demo, generate, eval (late import: commands imports this module)
+
+    add_commands(sub, _HelpFormatter)
     return parser
 
 
@@ -93,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"train": run_train}[ns.command](ns)
+        from .commands import RUNNERS
+
+        return {"train": run_train, **RUNNERS}[ns.command](ns)
     except DpolabError as e:
         print(f"dpolab: {e}", file=sys.stderr)
         return e.exit_code

@@ -12,9 +12,10 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import textwrap
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -43,13 +44,39 @@ class TrainConfig:
 
     # --- the objective -------------------------------------------------------------------------
     loss: str = "sigmoid"
-    """Preference loss from the registry: sigmoid (DPO; alias dpo), ipo, hinge, sft (reference-free NLL on the chosen completion, i.e. Preferred-FT)."""
+    """Loss from the registry (see the README's loss table): sigmoid (DPO; alias dpo), robust, hinge, ipo, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, dpop, sigmoid_norm; reference-free simpo, cpo, orpo, sft; kto (unpaired examples). A comma list trains on their weighted sum (e.g. sigmoid,sft)."""
+    loss_weights: Optional[str] = None
+    """Comma-separated weights, one per --loss name, for a mix of losses (e.g. 0.8,0.2); default 1 each."""
     beta: float = 0.1
-    """Strength of the KL constraint to the reference: higher stays closer to it."""
+    """Strength of the KL constraint to the reference: higher stays closer to it. For simpo it scales the per-token margin (the paper uses about 2); for orpo it weighs the odds-ratio term."""
     label_smoothing: float = 0.0
-    """Conservative DPO: assumed probability that a preference label is flipped, in [0, 0.5)."""
+    """Assumed probability that a preference label is flipped, in [0, 0.5): conservative DPO for sigmoid, the noise rate for robust."""
+    exo_epsilon: float = 1e-3
+    """exo_pair: the label smoothing epsilon of its target distribution, in (0, 0.5)."""
+    discopop_tau: float = 0.05
+    """discopop: temperature of the sigmoid that blends its logistic and exponential parts (> 0, at most 1)."""
+    dpop_lambda: float = 50.0
+    """dpop: weight of the penalty on the chosen log-prob falling below the reference (>= 0)."""
+    simpo_gamma: float = 0.5
+    """simpo: target reward margin gamma subtracted inside the sigmoid."""
+    f_divergence: Literal["reverse_kl", "forward_kl", "js", "alpha"] = "reverse_kl"
+    """f-DPO: the divergence to the reference that regularizes a pairwise loss (reverse_kl is standard DPO); each log-ratio u becomes f'(e^u)."""
+    f_alpha: float = 0.5
+    """--f-divergence alpha: the alpha in [0, 1) of (e^((alpha-1)u) - 1)/(alpha-1); 0 is forward KL, near 1 reverse KL."""
+    wpo: bool = False
+    """WPO: weight each pair's loss by the policy's per-token probability of its chosen times its rejected completion (detached)."""
+    ld_alpha: float = 1.0
+    """LD-DPO: weight in [0, 1] of completion tokens past the shorter completion of a pair, in policy and reference log-probs (1 = off)."""
+    desirable_weight: float = 1.0
+    """kto: weight of the loss on desirable examples (> 0)."""
+    undesirable_weight: float = 1.0
+    """kto: weight of the loss on undesirable examples (> 0); keep desirable_weight x desirable / (undesirable_weight x undesirable) in [1, 4/3]."""
     reference: Literal["precompute", "model"] = "precompute"
     """precompute: score the data with the frozen initial model once and cache it on disk (fast, no second copy in memory); model: keep a frozen copy and score every batch."""
+    ref_sync_steps: Optional[int] = None
+    """TR-DPO: every N optimizer steps, move the reference towards the policy (needs --reference model)."""
+    ref_sync_alpha: float = 0.6
+    """TR-DPO: the update ref = alpha x policy + (1 - alpha) x ref, alpha in (0, 1] (1 copies the policy)."""
 
     # --- optimisation --------------------------------------------------------------------------
     learning_rate: float = 5e-6
@@ -104,19 +131,49 @@ class TrainConfig:
     """Show progress bars."""
     trust_remote_code: bool = False
     """Allow model repositories to run their own Python code (only for models you trust)."""
+    allow_pickle: bool = False
+    """Allow loading model weights from pickle files (pytorch_model.bin), which can run code; by default only safetensors load."""
+
+    # --- reliability ---------------------------------------------------------------------------
+    resume: Optional[str] = field(default=None, metadata={"const": "latest"})
+    """Continue a run from a checkpoint: --resume alone takes the newest one in --output-dir/checkpoints, --resume PATH a given step-N folder."""
+    resume_force: bool = False
+    """Resume even if the checkpoint was made with another config or data (the differences are printed)."""
+    save_total_limit: Optional[int] = None
+    """Keep only the newest K checkpoints (older ones are deleted once a newer one is complete)."""
+    max_skipped_steps: int = 10
+    """Stop the run after this many optimizer steps in a row skipped for a non-finite loss or gradient."""
+    strict: bool = False
+    """Refuse data with rows that would be dropped (identical pairs) or altered (prompts longer than max_prompt_length) instead of dropping/truncating and counting them."""
 
     def __post_init__(self) -> None:
+        for name in ("loss", "loss_weights"):  # YAML lists, e.g. loss: [sigmoid, sft], read as a comma list
+            if isinstance(getattr(self, name), (list, tuple)):
+                setattr(self, name, ",".join(str(v) for v in getattr(self, name)))
         _coerce_types(self)
         _validate(self)
+        _validate_objective(self)
 
     # --- helpers -------------------------------------------------------------------------------
     @property
     def effective_eval_batch_size(self) -> int:
         return self.eval_batch_size or 2 * self.batch_size
 
+    @property
+    def loss_weight_values(self) -> Optional[tuple[float, ...]]:
+        """--loss-weights as numbers (None when not given)."""
+        if self.loss_weights is None:
+            return None
+        return tuple(float(w) for w in self.loss_weights.split(","))
+
     def loss_hyperparameters(self) -> dict[str, Any]:
-        """Keyword arguments every loss function receives besides beta and the lengths."""
-        return {"label_smoothing": self.label_smoothing}
+        """Keyword arguments every loss function (and objective) receives besides beta and the lengths."""
+        return {"label_smoothing": self.label_smoothing, "exo_epsilon": self.exo_epsilon,
+                "discopop_tau": self.discopop_tau, "dpop_lambda": self.dpop_lambda, "simpo_gamma": self.simpo_gamma,
+                "loss_weights": self.loss_weight_values, "f_divergence": self.f_divergence, "f_alpha": self.f_alpha,
+                "wpo": self.wpo, "ld_alpha": self.ld_alpha, "desirable_weight": self.desirable_weight,
+                "undesirable_weight": self.undesirable_weight, "ref_sync_steps": self.ref_sync_steps,
+                "ref_sync_alpha": self.ref_sync_alpha}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,7 +201,10 @@ def _validate(c: TrainConfig) -> None:
     _check(c.learning_rate > 0, "learning_rate", f"must be > 0, got {c.learning_rate}", "try 5e-6")
     for name in ("batch_size", "grad_accum", "logging_steps"):
         _check(getattr(c, name) >= 1, name, f"must be >= 1, got {getattr(c, name)}", "use a positive integer")
-    for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience", "eval_batch_size"):
+    _check(c.max_skipped_steps >= 1, "max_skipped_steps", f"must be >= 1, got {c.max_skipped_steps}",
+           "use a positive integer (10 by default)")
+    for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience", "eval_batch_size",
+                 "save_total_limit"):
         v = getattr(c, name)
         _check(v is None or v >= 1, name, f"must be >= 1, got {v}", "use a positive integer or leave it unset")
     _check(c.epochs > 0, "epochs", f"must be > 0, got {c.epochs}", "use e.g. 1 or 0.5, or set --max-steps")
@@ -162,11 +222,64 @@ def _validate(c: TrainConfig) -> None:
     _check(c.eval_steps is None or has_eval, "eval_steps", "needs eval data", "add --eval-data or --eval-split")
     _check(c.early_stopping_patience is None or c.eval_steps is not None, "early_stopping_patience",
            "needs periodic evaluation", "add --eval-steps N (and eval data)")
-    from .losses import LOSSES  # late import: losses do not depend on the config
-
-    _check(c.loss in LOSSES, "loss", f"unknown loss '{c.loss}'", _suggest(c.loss, LOSSES, "choose one of"))
     _check(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda") or c.device == "mps",
            "device", f"unknown device '{c.device}'", "use auto, cpu, cuda or cuda:N")
+
+
+def _in(c: TrainConfig, name: str, ok, bounds: str, hint: str) -> None:
+    value = getattr(c, name)
+    _check(ok(value), name, f"must be {bounds}, got {value}", hint)
+
+
+def _validate_objective(c: TrainConfig) -> None:
+    """The loss (or mix of losses) and the options of the preference-optimization family."""
+    from .losses import LOSSES, get_loss, loss_names  # late import: losses do not depend on the config
+
+    names = loss_names(c.loss)
+    for name in names:
+        _check(name in LOSSES, "loss", f"unknown loss '{name}'", _suggest(name, LOSSES, "choose one of"))
+    _validate_weights(c, names)
+    try:
+        loss = get_loss(c.loss)
+    except ValueError as e:
+        raise ConfigError("loss", str(e), "train kto on its own") from None
+    _in(c, "exo_epsilon", lambda v: 0 < v < 0.5, "in (0, 0.5)", "try 0.001")
+    _in(c, "discopop_tau", lambda v: 0 < v <= 1, "in (0, 1]", "the paper uses 0.05")
+    _in(c, "dpop_lambda", lambda v: v >= 0, ">= 0", "the paper uses 50")
+    _in(c, "f_alpha", lambda v: 0 <= v < 1, "in [0, 1)", "try 0.5")
+    _in(c, "ld_alpha", lambda v: 0 <= v <= 1, "in [0, 1]", "1 turns LD-DPO off; the paper uses 0.3 to 0.8")
+    _in(c, "desirable_weight", lambda v: v > 0, "> 0", "try 1.0")
+    _in(c, "undesirable_weight", lambda v: v > 0, "> 0", "try 1.0")
+    _in(c, "ref_sync_steps", lambda v: v is None or v >= 1, ">= 1", "e.g. 512, or leave it unset")
+    _in(c, "ref_sync_alpha", lambda v: 0 < v <= 1, "in (0, 1]", "try 0.6")
+    free, unpaired = getattr(loss, "reference_free", False), getattr(loss, "unpaired", False)
+    for name, used, default in (("f_divergence", c.f_divergence != "reverse_kl", "reverse_kl"),
+                                ("ref_sync_steps", c.ref_sync_steps is not None, "unset")):
+        _check(not (used and free), name, f"has no effect with the reference-free loss '{c.loss}'",
+               f"leave it {default}, or pick a loss with a reference")
+    for name, used in (("f_divergence", c.f_divergence != "reverse_kl"), ("wpo", c.wpo), ("ld_alpha", c.ld_alpha != 1)):
+        _check(not (used and unpaired), name, f"applies to preference pairs, not to '{c.loss}'s unpaired examples",
+               "remove it, or pick a pairwise loss")
+    _check(c.ref_sync_steps is None or c.reference == "model", "ref_sync_steps",
+           "TR-DPO updates the reference model, but --reference precompute scores it once before training",
+           "add --reference model")
+
+
+def _validate_weights(c: TrainConfig, names: list[str]) -> None:
+    """--loss-weights: one non-negative number per --loss name, for a mix of two or more losses."""
+    if c.loss_weights is None:
+        return
+    _check(len(names) > 1, "loss_weights", "weights a mix of two or more losses, but --loss names one",
+           "give --loss a comma list (e.g. sigmoid,sft), or drop --loss-weights")
+    try:
+        weights = c.loss_weight_values
+    except ValueError:
+        raise ConfigError("loss_weights", f"expected comma-separated numbers, got '{c.loss_weights}'",
+                          "write e.g. --loss-weights 0.8,0.2") from None
+    _check(len(weights) == len(names), "loss_weights", f"{len(weights)} weights for {len(names)} losses ({c.loss})",
+           "give one weight per --loss name")
+    _check(all(w >= 0 and math.isfinite(w) for w in weights) and any(w > 0 for w in weights), "loss_weights",
+           f"must be finite, >= 0 and not all 0, got '{c.loss_weights}'", "write e.g. --loss-weights 0.8,0.2")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,3 +35,11 @@ class DataError(DpolabError):
             where += f", field '{field}'"
         msg = f"data error: {where}: {problem}"
         super().__init__(" ".join((msg + (f" ({fix})" if fix else "")).split()))
+
+
+class TrainingStopped(DpolabError):
+    """The run stopped before its end (interrupted, or diverged); the message says how to continue."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -67,12 +67,15 @@ def chunked_token_logps(head_fn: Callable[[Tensor], Tensor], hidden: Tensor, tar
 
 def sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
                    *, chunk_tokens: int = 2048) -> Tensor:
-    """Sum of log π(token | prefix) over positions where ``loss_mask`` is 1, per row: shape [B], fp32.
+    """Weighted sum of log π(token | prefix) over the tokens ``loss_mask`` marks, per row: shape [B], fp32.
 
-    ``loss_mask[b, t] = 1`` marks ``input_ids[b, t]`` as a completion token to score. Position t is
-    predicted by the hidden state at t − 1, so the first token of a row is never scored.
+    ``loss_mask[b, t]`` is the weight of ``input_ids[b, t]`` in its row's sum: 1 on completion tokens,
+    0 on the rest (prompt, padding), and for LD-DPO a weight α in between on a completion's tail (see
+    ``dpolab.data.batching``). Position t is predicted by the hidden state at t − 1, so the first token
+    of a row is never scored.
     """
-    predict = loss_mask[:, 1:].bool()  # which next-token predictions count
+    predict = loss_mask[:, 1:] != 0  # which next-token predictions count
+    weights = loss_mask[:, 1:][predict].float()
     targets = input_ids[:, 1:][predict]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predict)[predict]
     parts = split_model(model)
@@ -87,4 +90,4 @@ def sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
         vocab = model.config.vocab_size
     token_logps = chunked_token_logps(head_fn, hidden, targets, vocab, chunk_tokens)
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return sums.index_add(0, rows, token_logps)
+    return sums.index_add(0, rows, token_logps * weights)

@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .data.load import LoadedData, load_pairs
+from .data.examples import TokenizedExample, tokenize_examples
+from .data.load import LoadedData, load_examples, load_pairs
 from .data.records import PreferencePair
 from .data.tokenize import TokenizedPair, tokenize_pairs
 from .errors import ConfigError, DataError
+from .losses import get_loss
 from .runtime import Runtime
 
 
@@ -35,6 +37,7 @@ def load_tokenizer(config: TrainConfig):
     name = config.model  # a path that is missing would otherwise surface as a confusing hub-id error
     if (Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1) and not Path(name).exists():
         raise ConfigError("model", f"folder not found: {name}", "check the path, or pass a hub name like org/model")
+    _check_weights_format(config)
     try:
         tok = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -54,13 +57,29 @@ def load_model(config: TrainConfig, rt: Runtime) -> torch.nn.Module:
         hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32,
-                                                     trust_remote_code=config.trust_remote_code)
+                                                     trust_remote_code=config.trust_remote_code,
+                                                     use_safetensors=None if config.allow_pickle else True)
     except (OSError, ValueError) as e:
         raise ConfigError("model", f"cannot load a causal LM from '{config.model}': {_first_line(e)}",
                           "pass a folder written by save_pretrained or a hub model name") from None
     disable_dropout(model)
     model.config.use_cache = False
     return model.to(rt.device)
+
+
+def _check_weights_format(config: TrainConfig) -> None:
+    """Pickle checkpoints can run arbitrary code when loaded: refuse them unless --allow-pickle."""
+    folder = Path(config.model)
+    if not folder.is_dir():
+        return
+    if not (folder / "config.json").is_file():
+        raise ConfigError("model", f"'{folder}' has no config.json, so it is not a saved model",
+                          "pass a folder written by save_pretrained (config.json + weights + tokenizer)")
+    has_safe = any(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if not has_safe and pickles and not config.allow_pickle:
+        raise ConfigError("model", f"'{folder}' holds only pickle weights ({pickles[0]}), which can run code when "
+                          "loaded", "convert them to safetensors, or pass --allow-pickle if you trust the files")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -86,6 +105,21 @@ def check_tracker(report_to: str) -> None:
                           f"pip install 'dpolab[{module}]' or use --report-to none")
 
 
+STRICT_REASONS = {
+    "identical": "chosen equals rejected",
+    "prompt_too_long": "the prompt leaves no room for a completion within max_length",
+    "identical_after_truncation": "chosen and rejected are identical after truncation to max_length",
+    "prompt_truncated": "the prompt is longer than max_prompt_length",
+}
+
+
+def _check_strict(config: TrainConfig, loaded: LoadedData) -> None:
+    if config.strict and loaded.first_dropped:
+        reason, row = min(loaded.first_dropped.items(), key=lambda item: item[1])
+        raise DataError(loaded.source, f"unusable pair ({STRICT_REASONS.get(reason, reason)}) and --strict is on",
+                        row=row, fix="fix or remove the row, or drop --strict to skip such rows")
+
+
 def _load_line(name: str, loaded: LoadedData) -> str:
     dropped = ", ".join(f"{k}: {v}" for k, v in sorted(loaded.dropped.items())) or "none"
     return (f"{name}: {loaded.rows_read:,} rows read from {loaded.source} (format: {loaded.format}); "
@@ -97,6 +131,13 @@ def _tokenize(name: str, source: str, pairs: list[PreferencePair], tokenizer,
     tokenized, stats = tokenize_pairs(pairs, tokenizer, max_length=config.max_length,
                                       max_prompt_length=config.max_prompt_length,
                                       show_progress=config.progress and len(pairs) >= PROGRESS_MIN_PAIRS)
+    problems = dict(stats.first_dropped)
+    if stats.first_prompt_truncated is not None:
+        problems["prompt_truncated"] = stats.first_prompt_truncated
+    if config.strict and problems:  # strict: a row is used as written, or the run refuses it
+        reason, index = min(problems.items(), key=lambda item: item[1])
+        raise DataError(source, f"unusable pair ({STRICT_REASONS.get(reason, reason)}) and --strict is on",
+                        row=pairs[index].row or None, fix="fix or remove the row, or drop --strict to skip such rows")
     if not tokenized:
         raise DataError(source, f"no {name} pair fits max_length={config.max_length} "
                         f"(dropped: {stats.dropped})", fix="raise --max-length or lower --max-prompt-length")
@@ -110,12 +151,19 @@ def _tokenize(name: str, source: str, pairs: list[PreferencePair], tokenizer,
 
 
 def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
-    """Load, normalise, split and tokenize the training (and eval) data; raises DataError on bad input."""
+    """Load, normalise, split and tokenize the training (and eval) data; raises DataError on bad input.
+
+    Losses that train on unpaired examples (kto) get ``TokenizedExample`` records instead of pairs.
+    """
+    if getattr(get_loss(config.loss), "unpaired", False):
+        return prepare_examples(config, tokenizer)
     loaded = load_pairs(config.data, split=config.data_split)
+    _check_strict(config, loaded)
     summary = [_load_line("train", loaded)]
     train_pairs, eval_pairs = loaded.pairs, []
     if config.eval_data:
         eval_loaded = load_pairs(config.eval_data, split=config.data_split)
+        _check_strict(config, eval_loaded)
         eval_pairs = eval_loaded.pairs
         summary.append(_load_line("eval", eval_loaded))
     elif config.eval_split > 0:
@@ -155,3 +203,58 @@ def prepare_output_dir(config: TrainConfig, rt: Runtime) -> Path:
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpaired examples (KTO)
+
+
+def prepare_examples(config: TrainConfig, tokenizer) -> PreparedData:
+    """KTO: load unpaired examples (or pairs, each split in two), hold out eval rows, tokenize with KL rows."""
+    loaded = load_examples(config.data, split=config.data_split)
+    summary = [_examples_line("train", loaded)]
+    train, held = loaded.examples, []
+    if config.eval_data:
+        eval_loaded = load_examples(config.eval_data, split=config.data_split)
+        held = eval_loaded.examples
+        summary.append(_examples_line("eval", eval_loaded))
+    elif config.eval_split > 0:  # hold out whole rows: both halves of a split pair stay together
+        _, held_rows = split_pairs(sorted({e.row for e in train}), config.eval_split, config.seed, config.data)
+        held_rows = set(held_rows)
+        train, held = [e for e in train if e.row not in held_rows], [e for e in train if e.row in held_rows]
+        summary.append(f"eval: {len(held):,} examples held out of {len(loaded.examples):,} "
+                       f"(--eval-split {config.eval_split})")
+    result = PreparedData(train=[], summary=summary)
+    result.train, lines = _tokenize_examples("train", config.data, train, tokenizer, config)
+    result.summary += lines
+    if held:
+        result.eval, lines = _tokenize_examples("eval", config.eval_data or config.data, held, tokenizer, config)
+        result.summary += lines
+    return result
+
+
+def _examples_line(name: str, loaded: LoadedData) -> str:
+    origin = "" if "unpaired" in loaded.format else f", 2 per pair ({len(loaded.pairs):,} pairs)"
+    return (f"{name}: {loaded.rows_read:,} rows read from {loaded.source} (format: {loaded.format}); "
+            f"{len(loaded.examples):,} examples{origin}")
+
+
+def _tokenize_examples(name: str, source: str, examples: list, tokenizer,
+                       config: TrainConfig) -> tuple[list[TokenizedExample], list[str]]:
+    tokenized, stats = tokenize_examples(examples, tokenizer, max_length=config.max_length,
+                                         max_prompt_length=config.max_prompt_length, seed=config.seed,
+                                         show_progress=config.progress and len(examples) >= PROGRESS_MIN_PAIRS)
+    if not tokenized:
+        raise DataError(source, f"no {name} example fits max_length={config.max_length} (dropped: {stats.dropped})",
+                        fix="raise --max-length or lower --max-prompt-length")
+    good = sum(e.label for e in tokenized)
+    bad = len(tokenized) - good
+    dropped = ", ".join(f"{k}: {v}" for k, v in sorted(stats.dropped.items())) or "none"
+    lines = [f"{name}: {len(tokenized):,} examples tokenized ({good:,} desirable, {bad:,} undesirable), dropped "
+             f"{dropped}; {stats.prompt_truncated:,} prompts and {stats.completion_truncated:,} completions "
+             "(KL rows included) truncated"]
+    balance = (config.desirable_weight * good) / max(config.undesirable_weight * bad, 1e-9)
+    if name == "train" and not 1 <= balance <= 4 / 3:
+        lines.append(f"train: desirable_weight x desirable / (undesirable_weight x undesirable) = {balance:.2f}; "
+                     "the KTO paper recommends 1 to 4/3 (adjust --desirable-weight / --undesirable-weight)")
+    return tokenized, lines

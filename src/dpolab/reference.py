@@ -6,12 +6,18 @@ Two interchangeable strategies, both answering ``logps(batch, split) -> (chosen 
   pair once (no grad, length-sorted batches) and the results are cached on disk, keyed by a
   fingerprint of the model weights, the token ids and the precision, so a rerun skips the pass.
   Because the pass runs before any update, the reference can never be the trained policy.
-* ``ModelReference``: a frozen copy of the initial model that scores each batch as it comes.
+* ``ModelReference``: a frozen copy of the initial model that scores each batch as it comes. With
+  TR-DPO (``--ref-sync-steps``) it is not frozen but pulled towards the policy every τ steps
+  (``sync_reference``).
+
+Both work for every batch layout (``PairBatch``, KTO's ``ExampleBatch``): a batch is two halves of
+rows, and the reference returns the log-probs of each half.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Iterable
@@ -20,33 +26,38 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data.batching import PairBatch, collate_pairs
+from .data.batching import PairBatch, collate, row_length
 from .data.tokenize import TokenizedPair
 from .logprobs import sequence_logps
 from .runtime import Runtime
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 
 def pair_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[Tensor, Tensor]:
-    """(log π(chosen|prompt), log π(rejected|prompt)) for every pair of the batch, in one forward."""
+    """(log π(chosen|prompt), log π(rejected|prompt)) for every pair of the batch, in one forward.
+
+    For KTO's ``ExampleBatch``: (log π(completion|prompt), log π(KL completion|prompt)).
+    """
     logps = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
     return logps[: batch.num_pairs], logps[batch.num_pairs:]
 
 
 @torch.no_grad()
 def score_pairs(model: torch.nn.Module, pairs: list[TokenizedPair], rt: Runtime, *, batch_size: int,
-                pad_token_id: int, desc: str = "scoring", progress: bool = True) -> Tensor:
-    """Log-probs of every pair as a [max index + 1, 2] fp32 tensor (column 0 chosen, 1 rejected)."""
+                pad_token_id: int, desc: str = "scoring", progress: bool = True, ld_alpha: float = 1.0) -> Tensor:
+    """Log-probs of every pair as a [max index + 1, 2] fp32 tensor (column 0 chosen, 1 rejected).
+
+    Also takes KTO's ``TokenizedExample`` records (column 0 the completion, 1 the KL completion).
+    """
     table = torch.full((max((p.index for p in pairs), default=-1) + 1, 2), float("nan"))
     # Longest first: similar lengths share a batch (little padding) and memory peaks at once.
-    order = sorted(pairs, key=lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)),
-                   reverse=True)
+    order = sorted(pairs, key=row_length, reverse=True)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(order), desc=desc, unit="pair", disable=not (progress and rt.is_main))
     for start in range(0, len(order), batch_size):
-        batch = collate_pairs(order[start:start + batch_size], pad_token_id).to(rt.device)
+        batch = collate(order[start:start + batch_size], pad_token_id, ld_alpha=ld_alpha).to(rt.device)
         with rt.autocast():
             chosen, rejected = pair_logps(model, batch)
         table[batch.index.cpu(), 0] = chosen.float().cpu()
@@ -66,9 +77,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
+    """A hash of tokenized records (pairs or KTO examples): the index, then every other field in order."""
     h = hashlib.sha256()
     for p in pairs:
-        h.update(repr((p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
+        fields = [getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "index"]
+        h.update(repr((p.index, *fields)).encode())
     return h.hexdigest()
 
 
@@ -85,9 +98,11 @@ class PrecomputedReference:
     @classmethod
     def build(cls, model: torch.nn.Module, splits: dict[str, list[TokenizedPair]], rt: Runtime, *,
               cache_dir: Path | None, batch_size: int, pad_token_id: int, progress: bool = True,
-              say=print) -> "PrecomputedReference":
+              say=print, ld_alpha: float = 1.0) -> "PrecomputedReference":
+        """Score every split with ``model`` (or reuse the cache). ``ld_alpha``: LD-DPO's weight of the
+        tokens past the shorter completion, applied to the reference exactly as to the policy."""
         key = hashlib.sha256(
-            f"{CACHE_VERSION}|{model_fingerprint(model)}|{rt.precision}|".encode()
+            f"{CACHE_VERSION}|{model_fingerprint(model)}|{rt.precision}|ld_alpha={ld_alpha}|".encode()
             + "|".join(f"{s}:{data_fingerprint(p)}" for s, p in sorted(splits.items())).encode()
         ).hexdigest()[:16]
         path = cache_dir / f"reference-{key}.pt" if cache_dir is not None else None
@@ -96,7 +111,7 @@ class PrecomputedReference:
             return cls(torch.load(path, map_location="cpu", weights_only=True))
         tables = {
             split: score_pairs(model, pairs, rt, batch_size=batch_size, pad_token_id=pad_token_id,
-                               desc=f"reference log-probs ({split})", progress=progress)
+                               desc=f"reference log-probs ({split})", progress=progress, ld_alpha=ld_alpha)
             for split, pairs in splits.items()
         }
         if path is not None and rt.is_main:
@@ -120,3 +135,22 @@ class ModelReference:
         with self.rt.autocast():
             chosen, rejected = pair_logps(self.model, batch)
         return chosen.float(), rejected.float()
+
+
+@torch.no_grad()
+def sync_reference(reference, model: torch.nn.Module, step: int, config) -> bool:
+    """TR-DPO: after optimizer step ``step`` (1-based), every ``config.ref_sync_steps`` steps, soft-update
+    the reference towards the policy, π_ref ← α·π + (1 − α)·π_ref with α = ``config.ref_sync_alpha``
+    (α = 1 copies the policy). Returns whether it updated.
+
+    Paper: Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment" (2404.09656).
+    Needs a ``ModelReference`` (``--reference model``): precomputed log-probs cannot move.
+    """
+    every = getattr(config, "ref_sync_steps", None)
+    if not every or step % every or reference is None:
+        return False
+    if not isinstance(reference, ModelReference):
+        raise TypeError("TR-DPO reference updates need --reference model, not precomputed log-probs")
+    for ref_param, param in zip(reference.model.parameters(), model.parameters()):
+        ref_param.lerp_(param.detach().to(ref_param.dtype), config.ref_sync_alpha)
+    return True

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,3 +79,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM set ``requested`` so the loop can finish its step and checkpoint; a second
+    signal restores the default behaviour and exits at once."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:  # second signal: stop now
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.requested = signum
+        print(f"\ndpolab: received {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

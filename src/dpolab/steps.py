@@ -12,29 +12,36 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
-from .data.batching import PairBatch, collate_pairs
+from .data.batching import PairBatch, collate
 from .data.tokenize import TokenizedPair
-from .losses import LossFn, preference_metrics
+from .losses import LossFn, preference_objective
 from .reference import pair_logps
 from .runtime import Runtime
 
 
 def pair_losses(model: torch.nn.Module, batch: PairBatch, reference, loss_fn: LossFn, config: TrainConfig,
                 rt: Runtime, split: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """Per-pair losses [B] (fp32, differentiable) and per-pair metrics for one batch on ``rt.device``."""
+    """Per-pair losses [B] (fp32, differentiable) and per-pair metrics for one batch on ``rt.device``.
+
+    One forward of the policy over both halves of the batch (chosen and rejected rows), one lookup of
+    the reference (none for reference-free losses); the loss's objective turns the log-probs into
+    losses: ``preference_objective`` for pairwise losses (with f-divergence and WPO), KTO its own.
+    """
     with rt.autocast():
-        policy_chosen, policy_rejected = pair_logps(model, batch)
-    ref_chosen, ref_rejected = reference.logps(batch, split) if reference is not None else (None, None)
-    losses = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=config.beta,
-                     chosen_lengths=batch.chosen_lengths, rejected_lengths=batch.rejected_lengths,
-                     **config.loss_hyperparameters())
-    metrics = preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, config.beta)
-    metrics["loss"] = losses.detach()
-    return losses, metrics
+        policy = pair_logps(model, batch)
+    ref = reference.logps(batch, split) if reference is not None else (None, None)
+    objective = getattr(loss_fn, "objective", None) or preference_objective
+    return objective(loss_fn, policy, ref, batch, beta=config.beta, **config.loss_hyperparameters())
+
+
+COUNT = "count:"
+"""``sums[COUNT + key]`` counts the values added for ``key``: a metric may cover only some items (KTO's
+``rewards/chosen`` averages over desirable examples only)."""
 
 
 class MetricSums:
-    """Running sums of per-pair metrics, averaged over pairs (and over processes) on read."""
+    """Running sums of per-pair metrics, each averaged over the items it was given for (and over
+    processes) on read."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
@@ -43,13 +50,32 @@ class MetricSums:
     def add(self, metrics: dict[str, Tensor]) -> None:
         for key, values in metrics.items():
             self.sums[key] += float(values.float().sum())
-        self.pairs += next(iter(metrics.values())).shape[0]
+            self.sums[COUNT + key] += values.shape[0]
+        self.pairs += max(values.shape[0] for values in metrics.values())
+
+    @classmethod
+    def restore(cls, sums: dict[str, float], pairs: int) -> "MetricSums":
+        out = cls()
+        out.sums.update(sums)
+        out.pairs = pairs
+        return out
+
+    def merge(self, other: "MetricSums") -> None:
+        for key, value in other.sums.items():
+            self.sums[key] += value
+        self.pairs += other.pairs
+
+    def all_finite(self, rt: Runtime) -> bool:
+        """True when every summed value is finite on every process (a NaN anywhere skips the step)."""
+        bad = sum(0 if math.isfinite(v) else 1 for v in self.sums.values())
+        return float(rt.reduce_sum(torch.tensor(float(bad)))) == 0
 
     def means(self, rt: Runtime, prefix: str = "") -> dict[str, float]:
-        keys = sorted(self.sums)
-        packed = rt.reduce_sum(torch.tensor([self.sums[k] for k in keys] + [self.pairs], dtype=torch.float64))
-        count = max(float(packed[-1]), 1.0)
-        return {prefix + k: float(v) / count for k, v in zip(keys, packed[:-1].tolist())}
+        keys = sorted(k for k in self.sums if not k.startswith(COUNT))
+        counts = [self.sums.get(COUNT + k, self.pairs) for k in keys]
+        packed = rt.reduce_sum(torch.tensor([self.sums[k] for k in keys] + counts, dtype=torch.float64)).tolist()
+        totals, counts = packed[:len(keys)], packed[len(keys):]
+        return {prefix + k: total / count for k, total, count in zip(keys, totals, counts) if count > 0}
 
 
 @torch.no_grad()
@@ -61,7 +87,7 @@ def evaluate(model: torch.nn.Module, pairs: list[TokenizedPair], reference, loss
     sums = MetricSums()
     size = config.effective_eval_batch_size
     for start in range(rt.rank * size, len(pairs), size * rt.world_size):  # each process takes its share
-        batch = collate_pairs(pairs[start:start + size], pad_token_id).to(rt.device)
+        batch = collate(pairs[start:start + size], pad_token_id, ld_alpha=config.ld_alpha).to(rt.device)
         _, metrics = pair_losses(model, batch, reference, loss_fn, config, rt, "eval")
         sums.add(metrics)
     model.train(was_training)

@@ -11,20 +11,23 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
+from .checkpoint import TrainState
 from .config import TrainConfig
-from .data.batching import PairBatch, collate_pairs, epoch_batches
+from .data.batching import PairBatch, collate, epoch_batches
 from .data.tokenize import TokenizedPair
+from .errors import TrainingStopped
 from .losses import get_loss
-from .prepare import (check_output_dir, check_tracker, load_model, load_tokenizer, prepare_data,
+from .prepare import (PreparedData, check_output_dir, check_tracker, load_model, load_tokenizer, prepare_data,
                       prepare_output_dir)
-from .reference import ModelReference, PrecomputedReference
-from .runtime import Runtime, seed_everything
+from .reference import ModelReference, PrecomputedReference, data_fingerprint, sync_reference
+from .runtime import GracefulStop, Runtime, seed_everything
 from .steps import (MetricSums, build_optimizer, clip_gradients, evaluate, lr_factor, pair_losses,
                     plan_steps)
 from .tracking import MetricsLogger
@@ -43,30 +46,26 @@ class TrainResult:
     """The trained policy, in memory (the same weights as ``output_dir/final``)."""
 
 
-def optimizer_steps(pairs: list[TokenizedPair], config: TrainConfig, rt: Runtime,
-                    pad_token_id: int) -> Iterator[tuple[float, list[PairBatch]]]:
-    """Endless (epoch, micro-batches of one optimizer step) in seeded order; each process gets its share."""
-    epoch = 0
+def optimizer_steps(pairs: list[TokenizedPair], config: TrainConfig, rt: Runtime, pad_token_id: int,
+                    start: int = 0) -> Iterator[tuple[float, list[PairBatch]]]:
+    """Endless (epoch, micro-batches of one optimizer step) from step ``start`` on.
+
+    The order depends only on (seed, epoch), so a resumed run sees exactly the batches the
+    uninterrupted run would have; each process takes its share of every batch.
+    """
+    per_epoch = math.ceil(math.ceil(len(pairs) / (config.batch_size * rt.world_size)) / config.grad_accum)
+    cached: tuple[int, list[list[int]]] = (-1, [])
+    step = start
     while True:
-        batches = epoch_batches(len(pairs), config.batch_size * rt.world_size, seed=config.seed, epoch=epoch)
-        per_epoch = math.ceil(len(batches) / config.grad_accum)
-        for i in range(per_epoch):
-            group = batches[i * config.grad_accum:(i + 1) * config.grad_accum]
-            shards = [b[rt.rank::rt.world_size] for b in group]
-            micro = [collate_pairs([pairs[j] for j in s], pad_token_id) for s in shards if s]
-            yield epoch + (i + 1) / per_epoch, micro
-        epoch += 1
-
-
-def save_model(model, tokenizer, path: Path, rt: Runtime, **state) -> None:
-    """model + tokenizer via save_pretrained (safetensors) — loadable by AutoModelForCausalLM."""
-    if not rt.is_main:
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    if state:
-        (path / "trainer_state.yaml").write_text(yaml.safe_dump(state, sort_keys=False))
+        epoch, i = divmod(step, per_epoch)
+        if cached[0] != epoch:
+            cached = (epoch, epoch_batches(len(pairs), config.batch_size * rt.world_size, seed=config.seed,
+                                           epoch=epoch))
+        group = cached[1][i * config.grad_accum:(i + 1) * config.grad_accum]
+        shards = [b[rt.rank::rt.world_size] for b in group]
+        micro = [collate([pairs[j] for j in s], pad_token_id, ld_alpha=config.ld_alpha) for s in shards if s]
+        yield epoch + (i + 1) / per_epoch, micro
+        step += 1
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -82,91 +81,169 @@ def train(config: TrainConfig) -> TrainResult:
     out = prepare_output_dir(config, rt)
     for line in data.summary:
         say(line)
+    resolved = {**config.to_dict(), "precision": rt.precision}
     if rt.is_main:
-        resolved = {**config.to_dict(), "precision": rt.precision}
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    info = ckpt.run_info(resolved, data_fingerprint(data.train) + data_fingerprint(data.eval))
+    resume_from = ckpt.resolve_resume(config.resume, out) if config.resume else None
+    if resume_from is not None:  # refuse a mismatch before the (long) reference pass
+        for diff in ckpt.check_resumable(ckpt.read_run_info(resume_from), info, config.resume_force):
+            say(f"resume: differs from the checkpoint (--resume-force): {diff}")
     loss_fn = get_loss(config.loss)
     reference = None
-    if not getattr(loss_fn, "reference_free", False):
+    if not getattr(loss_fn, "reference_free", False):  # built from the initial weights, before any resume
         if config.reference == "model":
             reference = ModelReference(model, rt)
         else:
             splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
             reference = PrecomputedReference.build(
                 model, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
-                pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say)
-    return _loop(config, rt, model, tokenizer, data, reference, loss_fn, out, say)
+                pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say, ld_alpha=config.ld_alpha)
+    run = _Run(config, rt, model, tokenizer, data, reference, loss_fn, out, say, build_optimizer(model, config),
+               info)
+    if resume_from is not None:
+        run.state = ckpt.load_checkpoint(resume_from, model, run.optimizer)
+        if rt.is_main:
+            ckpt.truncate_metrics(out / "metrics.jsonl", run.state.step)
+        say(f"resumed from {resume_from} at step {run.state.step}")
+    return run.loop()
 
 
-def _loop(config, rt, model, tokenizer, data, reference, loss_fn, out: Path, say) -> TrainResult:
-    per_epoch, total_steps = plan_steps(len(data.train), config)
-    warmup = math.floor(config.warmup_ratio * total_steps)
-    optimizer = build_optimizer(model, config)
-    logger = MetricsLogger(out, report_to=config.report_to, run_name=config.run_name, config=config.to_dict(),
-                           enabled=rt.is_main)
-    say(f"training: {len(data.train):,} pairs, {per_epoch:,} steps per epoch, {total_steps:,} steps, "
-        f"precision {rt.precision}, device {rt.device}, reference {config.reference}, loss {config.loss}")
-    result = TrainResult(output_dir=out, steps=0, model=model)
-    window, tokens, best_eval, bad_evals = MetricSums(), 0, math.inf, 0
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not (config.progress and rt.is_main))
-    model.train()
-    for step, (epoch, micro_batches) in enumerate(optimizer_steps(data.train, config, rt, tokenizer.pad_token_id)):
-        if step >= total_steps:
-            break
-        lr = config.learning_rate * lr_factor(step, total_steps, warmup, config.lr_scheduler)
-        for group in optimizer.param_groups:
+@dataclass
+class _Run:
+    """Everything one training run holds; ``loop`` is the training loop itself."""
+
+    config: TrainConfig
+    rt: Runtime
+    model: torch.nn.Module
+    tokenizer: object
+    data: PreparedData
+    reference: object
+    loss_fn: Callable
+    out: Path
+    say: Callable
+    optimizer: torch.optim.Optimizer
+    info: dict
+    state: TrainState = field(default_factory=TrainState)
+
+    def loop(self) -> TrainResult:
+        config, rt, state = self.config, self.rt, self.state
+        per_epoch, total_steps = plan_steps(len(self.data.train), config)
+        warmup = math.floor(config.warmup_ratio * total_steps)
+        self.logger = MetricsLogger(self.out, report_to=config.report_to, run_name=config.run_name,
+                                    config=config.to_dict(), enabled=rt.is_main)
+        self.say(f"training: {len(self.data.train):,} pairs, {per_epoch:,} steps per epoch, {total_steps:,} steps, "
+                 f"precision {rt.precision}, device {rt.device}, reference {config.reference}, loss {config.loss}")
+        result = TrainResult(output_dir=self.out, steps=state.step, model=self.model)
+        window = MetricSums.restore(state.window_sums, state.window_pairs)
+        self.started, self.elapsed_before = time.perf_counter(), state.elapsed_s
+        bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
+                   disable=not (config.progress and rt.is_main))
+        self.model.train()
+        epoch = state.step / per_epoch
+        steps = optimizer_steps(self.data.train, config, rt, self.tokenizer.pad_token_id, start=state.step)
+        with GracefulStop() as stop:
+            for epoch, micro_batches in steps:
+                if state.step >= total_steps or result.stopped_early:
+                    break
+                lr = config.learning_rate * lr_factor(state.step, total_steps, warmup, config.lr_scheduler)
+                grad_norm = self._optimizer_step(micro_batches, lr, window)
+                state.step += 1
+                last = state.step == total_steps
+                if state.step == 1 or state.step % config.logging_steps == 0 or last:
+                    result.metrics = self._log(epoch, lr, grad_norm, window, bar)
+                    window = MetricSums()
+                bar.update(1)
+                if self.data.eval and config.eval_steps and (state.step % config.eval_steps == 0 or last):
+                    result.eval_metrics = self._evaluate(epoch)
+                    result.stopped_early = self._early_stop(result.eval_metrics["eval_loss"])
+                interrupted = stop.requested is not None and not last  # at the last step: just finish
+                if (config.save_steps and state.step % config.save_steps == 0 and not last) or interrupted:
+                    self._checkpoint(window)
+                if interrupted:
+                    raise TrainingStopped(self._interrupted_message(stop.requested), 128 + stop.requested)
+        bar.close()
+        result.steps = state.step
+        if self.data.eval and not config.eval_steps:
+            result.eval_metrics = self._evaluate(epoch)
+        if rt.is_main:
+            ckpt.save_pretrained(self.out / "final", self.model, self.tokenizer)
+        self.logger.close()
+        self.say(f"done: {state.step} steps in {self._elapsed():.1f}s; model saved to {self.out / 'final'}")
+        return result
+
+    def _optimizer_step(self, micro_batches: list[PairBatch], lr: float, window: MetricSums) -> float:
+        """Forward/backward over the micro-batches, clip, update; a non-finite step is skipped."""
+        config, rt, state = self.config, self.rt, self.state
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         # Each pair weighs the same whatever the micro-batch split: divide the summed per-pair losses by
         # the number of pairs in the whole optimizer step (on every process), not by micro-batch sizes.
         step_pairs = float(rt.reduce_sum(torch.tensor(float(sum(b.num_pairs for b in micro_batches)))))
+        step_metrics = MetricSums()
         for batch in micro_batches:
-            tokens += int(rt.reduce_sum(torch.tensor(batch.num_tokens)))
-            batch = batch.to(rt.device)
-            losses, metrics = pair_losses(model, batch, reference, loss_fn, config, rt, "train")
+            state.tokens += int(rt.reduce_sum(torch.tensor(batch.num_tokens)))
+            losses, metrics = pair_losses(self.model, batch.to(rt.device), self.reference, self.loss_fn, config,
+                                          rt, "train")
             (losses.sum() * rt.world_size / step_pairs).backward()  # DDP averages grads over processes
-            window.add(metrics)
-        grad_norm = clip_gradients(model, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        elapsed = time.perf_counter() - start
-        last = done == total_steps
-        if done == 1 or done % config.logging_steps == 0 or last:
-            row = {"step": done, "epoch": round(epoch, 4), **window.means(rt), "learning_rate": lr,
-                   "grad_norm": grad_norm, "tokens": tokens, "elapsed_s": round(elapsed, 3)}
-            logger.log(row)
-            result.metrics, window = row, MetricSums()
+            step_metrics.add(metrics)
+        grad_norm = clip_gradients(self.model, config.max_grad_norm)
+        finite = math.isfinite(grad_norm) and step_metrics.all_finite(rt)
+        if finite:
+            self.optimizer.step()
+            sync_reference(self.reference, self.model, state.step + 1, config)  # TR-DPO: no-op unless --ref-sync-steps
+            window.merge(step_metrics)
+            state.skipped_in_a_row = 0
+        else:  # no update from a NaN/inf: skip the step, count it, give up after too many in a row
+            state.skipped_steps += 1
+            state.skipped_in_a_row += 1
+            self.say(f"step {state.step + 1}: non-finite loss or gradient, update skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        if state.skipped_in_a_row >= config.max_skipped_steps:
+            raise TrainingStopped(f"training diverged: {state.skipped_in_a_row} steps in a row had a non-finite "
+                                  f"loss or gradient (at step {state.step + 1}); lower --learning-rate, check the "
+                                  "data, or raise --max-skipped-steps")
+        return grad_norm
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def _log(self, epoch: float, lr: float, grad_norm: float, window: MetricSums, bar) -> dict:
+        tokens, elapsed = self.state.tokens, self._elapsed()
+        row = {"step": self.state.step, "epoch": round(epoch, 4), **window.means(self.rt), "learning_rate": lr,
+               "grad_norm": grad_norm, "tokens": tokens, "skipped_steps": self.state.skipped_steps,
+               "elapsed_s": round(elapsed, 3)}
+        self.logger.log(row)
+        if "loss" in row:
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
                             tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
-        bar.update(1)
-        if data.eval and config.eval_steps and (done % config.eval_steps == 0 or last):
-            result.eval_metrics = _evaluate(model, data, reference, loss_fn, config, rt, tokenizer, done, epoch,
-                                            logger)
-            if result.eval_metrics["eval_loss"] < best_eval:
-                best_eval, bad_evals = result.eval_metrics["eval_loss"], 0
-            else:
-                bad_evals += 1
-            if config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
-                say(f"early stopping at step {done}: eval loss has not improved for {bad_evals} evaluations "
-                    f"(best {best_eval:.4f})")
-                result.stopped_early = True
-        if config.save_steps and done % config.save_steps == 0 and not last:
-            save_model(model, tokenizer, out / "checkpoints" / f"step-{done}", rt, step=done, epoch=epoch)
-        result.steps = done
-        if result.stopped_early:
-            break
-    bar.close()
-    if data.eval and not config.eval_steps:
-        result.eval_metrics = _evaluate(model, data, reference, loss_fn, config, rt, tokenizer, result.steps,
-                                        epoch, logger)
-    save_model(model, tokenizer, out / "final", rt, step=result.steps, epoch=epoch)
-    logger.close()
-    say(f"done: {result.steps} steps in {time.perf_counter() - start:.1f}s; model saved to {out / 'final'}")
-    return result
+        return row
 
+    def _evaluate(self, epoch: float) -> dict:
+        metrics = evaluate(self.model, self.data.eval, self.reference, self.loss_fn, self.config, self.rt,
+                           self.tokenizer.pad_token_id)
+        self.logger.log({"step": self.state.step, "epoch": round(epoch, 4), **metrics})
+        return metrics
 
-def _evaluate(model, data, reference, loss_fn, config, rt, tokenizer, step, epoch, logger) -> dict:
-    metrics = evaluate(model, data.eval, reference, loss_fn, config, rt, tokenizer.pad_token_id)
-    logger.log({"step": step, "epoch": round(epoch, 4), **metrics})
-    return metrics
+    def _early_stop(self, eval_loss: float) -> bool:
+        state, patience = self.state, self.config.early_stopping_patience
+        if eval_loss < state.best_eval:
+            state.best_eval, state.bad_evals = eval_loss, 0
+        else:
+            state.bad_evals += 1
+        if patience and state.bad_evals >= patience:
+            self.say(f"early stopping at step {state.step}: eval loss has not improved for {state.bad_evals} "
+                     f"evaluations (best {state.best_eval:.4f})")
+            return True
+        return False
+
+    def _checkpoint(self, window: MetricSums) -> None:
+        self.state.elapsed_s = self._elapsed()
+        self.state.window_sums, self.state.window_pairs = dict(window.sums), window.pairs
+        if self.rt.is_main:
+            ckpt.save_checkpoint(self.out, self.model, self.tokenizer, self.optimizer, self.state, self.info,
+                                 keep=self.config.save_total_limit)
+
+    def _interrupted_message(self, signum: int) -> str:
+        return (f"interrupted at step {self.state.step}; checkpoint saved to {self.out / 'checkpoints'}. "
+                f"Resume with: dpolab train --config {self.out / 'config.yaml'} --resume")

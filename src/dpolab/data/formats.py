@@ -14,6 +14,10 @@ the same one.
                                     assistant message
 ==================================  =============================================================
 
+KTO (``--loss kto``) also reads unpaired examples, ``{"prompt": str | [messages], "completion": str |
+[messages] | message, "label": bool}`` (``to_examples``; see ``UNPAIRED``), and splits preference pairs
+into one desirable and one undesirable example each.
+
 A message is ``{"role": "system" | "user" | "assistant" | "tool", "content": str}``. Keys other than
 ``prompt``/``chosen``/``rejected`` are ignored (datasets often carry ids and scores). Text is kept
 verbatim, whitespace included, because it changes tokenization. Pairs whose chosen and rejected
@@ -22,11 +26,12 @@ completions are equal teach nothing and are dropped (counted in ``LoadedData.dro
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from dpolab.data.records import PreferencePair
+from dpolab.data.records import PreferencePair, UnpairedExample
 from dpolab.errors import DataError
 
 STANDARD = "standard"
@@ -60,6 +65,10 @@ class LoadedData:
     """Reason -> number of rows dropped, e.g. ``{"identical": 3}``."""
     source: str = ""
     """The file, folder or hub dataset name the rows came from."""
+    examples: list[UnpairedExample] = field(default_factory=list)
+    """KTO only (``to_examples``): the unpaired examples; empty for preference pairs."""
+    first_dropped: dict[str, int] = field(default_factory=dict)
+    """Reason -> the first (1-based) row dropped for it, for ``--strict`` messages."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,9 @@ def _text(row: _Row, name: str) -> str:
 def detect_format(row: _Row) -> str:
     """The layout of one row: decided by ``prompt`` when present, else by ``chosen``."""
     missing = [k for k in ("chosen", "rejected") if k not in row.data]
+    if missing and is_unpaired(row.data):
+        raise row.error("this is an unpaired example (prompt, completion, label), not a preference pair",
+                        fix="train on unpaired examples with --loss kto, or give chosen and rejected")
     if missing:
         raise _missing_keys(row, missing, ("prompt (optional)", "chosen", "rejected"))
     explicit = "prompt" in row.data
@@ -268,6 +280,7 @@ def to_pairs(rows: Iterable[tuple[int, dict]], source: str) -> LoadedData:
     """
     pairs: list[PreferencePair] = []
     dropped: dict[str, int] = {}
+    first_dropped: dict[str, int] = {}
     fmt, first, rows_read = "", 0, 0
     for number, data in rows:
         rows_read += 1
@@ -279,6 +292,7 @@ def to_pairs(rows: Iterable[tuple[int, dict]], source: str) -> LoadedData:
         prompt, chosen, rejected = _CONVERTERS[fmt](row)
         if chosen == rejected:
             dropped["identical"] = dropped.get("identical", 0) + 1
+            first_dropped.setdefault("identical", number)
             continue
         pairs.append(PreferencePair(prompt, chosen, rejected, source=source, row=number))
     if rows_read == 0:
@@ -286,9 +300,86 @@ def to_pairs(rows: Iterable[tuple[int, dict]], source: str) -> LoadedData:
     if not pairs:
         raise DataError(source, f"all {rows_read} rows were dropped ({_reasons(dropped)})",
                         fix="chosen and rejected must differ for a pair to be usable")
-    return LoadedData(pairs=pairs, format=fmt, rows_read=rows_read, dropped=dropped, source=source)
+    return LoadedData(pairs=pairs, format=fmt, rows_read=rows_read, dropped=dropped, source=source,
+                      first_dropped=first_dropped)
 
 
 def _reasons(dropped: dict[str, int]) -> str:
     labels = {"identical": "chosen equals rejected"}
     return ", ".join(f"{n} {labels.get(k, k)}" for k, n in dropped.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Unpaired examples (KTO)
+
+UNPAIRED = "unpaired"
+"""``{"prompt": str, "completion": str, "label": bool}``: one answer, labelled desirable or not."""
+CONVERSATIONAL_UNPAIRED = "conversational_unpaired"
+"""``{"prompt": [messages], "completion": [messages] | message, "label": bool}``."""
+_LABEL_TEXT = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def is_unpaired(data: dict) -> bool:
+    """Whether a raw row is an unpaired example (has ``completion`` and ``label``, no ``chosen``)."""
+    return "completion" in data and "label" in data and "chosen" not in data
+
+
+def _label(row: _Row) -> bool:
+    """A row's label as a bool; text and 0/1 (CSV, parquet) are accepted too."""
+    value = row.data["label"]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABEL_TEXT:
+        return _LABEL_TEXT[value.strip().lower()]
+    raise row.error(f"expected true (desirable) or false (undesirable), found {describe(value)}", field="label")
+
+
+def _convert_unpaired(row: _Row) -> tuple[str, Any, Any]:
+    """(layout, prompt, completion) of an unpaired row, validated like the paired layouts."""
+    missing = [k for k in ("prompt", "completion", "label") if k not in row.data]
+    if missing:
+        raise _missing_keys(row, missing, ("prompt", "completion", "label"))
+    if isinstance(row.data["prompt"], str):
+        return UNPAIRED, row.data["prompt"], _text(row, "completion")
+    completion = _messages(row, "completion", allow_single=True)
+    _check_assistant(completion, row, "completion")
+    return CONVERSATIONAL_UNPAIRED, _messages(row, "prompt", allow_single=False), completion
+
+
+def pair_examples(pair: PreferencePair) -> tuple[UnpairedExample, UnpairedExample]:
+    """A preference pair as two unpaired examples: the chosen one desirable, the rejected one not."""
+    return (UnpairedExample(pair.prompt, pair.chosen, True, source=pair.source, row=pair.row),
+            UnpairedExample(pair.prompt, pair.rejected, False, source=pair.source, row=pair.row))
+
+
+def to_examples(rows: Iterable[tuple[int, dict]], source: str) -> LoadedData:
+    """Convert rows into unpaired examples (``LoadedData.examples``) for KTO.
+
+    Unpaired rows are taken as they are (every row must be unpaired, in one layout); a dataset of
+    preference pairs is read by ``to_pairs`` and each pair split by ``pair_examples``.
+    """
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        raise DataError(source, "no rows found", fix="the source must hold at least one example")
+    rows = itertools.chain([first], rows)
+    if not is_unpaired(first[1]):
+        loaded = to_pairs(rows, source)
+        loaded.examples = [e for pair in loaded.pairs for e in pair_examples(pair)]
+        return loaded
+    examples: list[UnpairedExample] = []
+    fmt = ""
+    for number, data in rows:
+        row = _Row(source, number, data)
+        if not is_unpaired(data):
+            raise row.error(f"row {number} is not an unpaired example but row {first[0]} is",
+                            fix="every row needs prompt, completion and label")
+        kind, prompt, completion = _convert_unpaired(row)
+        fmt = fmt or kind
+        if kind != fmt:
+            raise row.error(f"row {number} is {kind} but row {first[0]} is {fmt}",
+                            fix="every row of a dataset must use the same layout")
+        examples.append(UnpairedExample(prompt, completion, _label(row), source=source, row=number))
+    return LoadedData(pairs=[], format=fmt, rows_read=len(examples), source=source, examples=examples)

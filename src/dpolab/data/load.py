@@ -20,10 +20,10 @@ import zlib
 from pathlib import Path
 from typing import IO, Iterator
 
-from dpolab.data.formats import FORMATS, LoadedData, to_pairs
+from dpolab.data.formats import FORMATS, LoadedData, to_examples, to_pairs
 from dpolab.errors import DataError
 
-__all__ = ["FORMATS", "LoadedData", "SUPPORTED_EXTENSIONS", "iter_rows", "load_pairs"]
+__all__ = ["FORMATS", "LoadedData", "SUPPORTED_EXTENSIONS", "iter_rows", "load_examples", "load_pairs"]
 
 _BASE_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 SUPPORTED_EXTENSIONS = _BASE_EXTENSIONS + tuple(ext + ".gz" for ext in _BASE_EXTENSIONS)
@@ -44,6 +44,16 @@ def load_pairs(source: str | os.PathLike, *, split: str = "train") -> LoadedData
     """
     name = os.fspath(source)
     return to_pairs(iter_rows(name, split=split), source=name)
+
+
+def load_examples(source: str | os.PathLike, *, split: str = "train") -> LoadedData:
+    """Load unpaired examples for KTO (``LoadedData.examples``) from the same sources as ``load_pairs``.
+
+    Rows are ``{"prompt", "completion", "label"}``; a dataset of preference pairs is accepted too and
+    each pair becomes a desirable (chosen) and an undesirable (rejected) example.
+    """
+    name = os.fspath(source)
+    return to_examples(iter_rows(name, split=split), source=name)
 
 
 def iter_rows(source: str | os.PathLike, *, split: str = "train") -> Rows:

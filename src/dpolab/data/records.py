@@ -1,7 +1,8 @@
 """The one record type for preference data.
 
 Every source (files, ``datasets``, generated samples, judges) is converted once, at the edge, into
-``PreferencePair``. Nothing downstream looks at raw rows.
+``PreferencePair``. Nothing downstream looks at raw rows. KTO, which learns from single answers
+labelled desirable or undesirable, reads ``UnpairedExample`` instead (and pairs split in two).
 """
 
 from __future__ import annotations
@@ -28,6 +29,28 @@ class PreferencePair:
     rejected: Text
     source: str = ""
     """Where the pair came from (file or dataset name), for error messages."""
+    row: int = 0
+    """1-based row number within ``source`` (0 when unknown)."""
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One prompt with one completion labelled desirable (``label=True``) or undesirable: KTO's data.
+
+    Used only by unpaired objectives (``--loss kto``); everything else trains on ``PreferencePair``.
+    Text follows the same conventions: plain strings, or chat messages (the completion then holds the
+    assistant message(s) that continue the prompt).
+    """
+
+    prompt: Text
+    completion: Text
+    label: bool
+    source: str = ""
+    """Where the example came from (file or dataset name), for error messages."""
     row: int = 0
     """1-based row number within ``source`` (0 when unknown)."""
 

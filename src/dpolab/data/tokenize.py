@@ -90,6 +90,10 @@ class TokenizeStats:
     """Completions (chosen and rejected counted separately) cut from the end."""
     boundary_fallbacks: int = 0
     """Completions encoded alone because a token merge crossed the prompt boundary (rule 2)."""
+    first_dropped: dict[str, int] = field(default_factory=dict)
+    """Reason -> position (in the input list) of the first pair dropped for it."""
+    first_prompt_truncated: int | None = None
+    """Position (in the input list) of the first kept pair whose prompt was truncated."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,13 @@ class _Specials:
 
 def tokenize_pairs(pairs: list[PreferencePair], tokenizer, *, max_length: int,
                    max_prompt_length: int,
-                   show_progress: bool = False) -> tuple[list[TokenizedPair], TokenizeStats]:
+                   show_progress: bool = False,
+                   keep_identical: bool = False) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize ``pairs`` following the module rules; returns the kept pairs and the stats.
 
     ``max_length`` bounds prompt + one completion; ``max_prompt_length`` bounds the prompt alone.
+    ``keep_identical`` keeps pairs whose two completions are equal (KTO tokenizes an example and its
+    KL completion as a pair, and those may coincide).
     """
     _check_lengths(max_length, max_prompt_length)
     specials = _specials(tokenizer)
@@ -120,7 +127,8 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, *, max_length: int,
             chunk = pairs[start:start + _CHUNK]
             texts = [_pair_texts(pair, tokenizer) for pair in chunk]
             for offset, encoded in enumerate(_encode_chunk(texts, tokenizer, specials)):
-                item = _fit(start + offset, encoded, max_length, max_prompt_length, specials, stats)
+                item = _fit(start + offset, encoded, max_length, max_prompt_length, specials, stats,
+                            keep_identical)
                 if item is not None:
                     kept.append(item)
             bar.update(len(chunk))
@@ -269,7 +277,7 @@ def _with_eos(ids: list[int], text: str, specials: _Specials) -> list[int]:
 
 
 def _fit(index: int, encoded, max_length: int, max_prompt_length: int, specials: _Specials,
-         stats: TokenizeStats) -> TokenizedPair | None:
+         stats: TokenizeStats, keep_identical: bool = False) -> TokenizedPair | None:
     """Rule 5: truncate one encoded pair, or drop it (counted in ``stats``) and return ``None``."""
     prompt, chosen, rejected, fallbacks = encoded
     prompt, prompt_cut = _keep_last(prompt, max_prompt_length, specials.bos_id)
@@ -277,12 +285,14 @@ def _fit(index: int, encoded, max_length: int, max_prompt_length: int, specials:
         prompt = [specials.bos_id if specials.bos_id is not None else specials.eos_id]
     room = max_length - len(prompt)
     if room < 1:
-        return _drop(stats, "prompt_too_long")
+        return _drop(stats, "prompt_too_long", index)
     chosen_cut, rejected_cut = len(chosen) > room, len(rejected) > room
     chosen, rejected = chosen[:room], rejected[:room]
-    if chosen == rejected:
-        return _drop(stats, "identical_after_truncation")
+    if chosen == rejected and not keep_identical:
+        return _drop(stats, "identical_after_truncation", index)
     stats.prompt_truncated += int(prompt_cut)
+    if prompt_cut and stats.first_prompt_truncated is None:
+        stats.first_prompt_truncated = index
     stats.completion_truncated += int(chosen_cut) + int(rejected_cut)
     stats.boundary_fallbacks += fallbacks
     return TokenizedPair(prompt, chosen, rejected, index)
@@ -297,7 +307,8 @@ def _keep_last(ids: list[int], keep: int, bos_id: int | None) -> tuple[list[int]
     return ids[len(ids) - keep:], True
 
 
-def _drop(stats: TokenizeStats, reason: str) -> None:
+def _drop(stats: TokenizeStats, reason: str, index: int) -> None:
     """Count a dropped pair under ``reason``."""
     stats.dropped[reason] = stats.dropped.get(reason, 0) + 1
+    stats.first_dropped.setdefault(reason, index)
     return None
