@@ -156,6 +156,15 @@ def test_example_batch_layout():
 # End to end
 
 
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread for the tiny model (see test_loss_training.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def unpaired_rows(n):
     """Copy task as thumbs up / down: even rows copy the prompt (desirable), odd rows do not."""
     return [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 == 0 else r["rejected"], "label": i % 2 == 0}
@@ -169,7 +178,7 @@ def train_kto(tmp_path, model_dir, data, **overrides):
     return result, [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kto_trains_on_an_unpaired_file(tmp_path, tiny_model_dir, capsys):
+def test_kto_trains_on_an_unpaired_file(tmp_path, tiny_model_dir, capsys, one_thread):
     data = write_jsonl(tmp_path / "unpaired.jsonl", unpaired_rows(64))
     result, rows = train_kto(tmp_path, tiny_model_dir, data, eval_split=0.25)
     out = capsys.readouterr().out
@@ -182,7 +191,7 @@ def test_kto_trains_on_an_unpaired_file(tmp_path, tiny_model_dir, capsys):
     assert rows[-1] == {"step": 30, "epoch": rows[-1]["epoch"], **result.eval_metrics}
 
 
-def test_kto_accepts_a_paired_file(tmp_path, tiny_model_dir, capsys):
+def test_kto_accepts_a_paired_file(tmp_path, tiny_model_dir, capsys, one_thread):
     data = write_jsonl(tmp_path / "pairs.jsonl", copy_task_rows(32))
     result, rows = train_kto(tmp_path, tiny_model_dir, data, reference="model", max_steps=20, logging_steps=20)
     assert "64 examples, 2 per pair (32 pairs)" in capsys.readouterr().out

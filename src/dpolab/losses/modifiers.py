@@ -31,10 +31,10 @@ def _alpha(u: Tensor, alpha: float) -> Tensor:
 
 
 F_DIVERGENCES = {
-    "reverse_kl": lambda u, alpha: u,                              # f(x) = x log x: f'(e^u) = u + 1
-    "forward_kl": _forward_kl,                                     # f(x) = −log x: f'(e^u) = −e^(−u)
-    "js": lambda u, alpha: math.log(2) + F.logsigmoid(u),          # Jensen-Shannon: f'(e^u) = log(2e^u/(1+e^u))
-    "alpha": _alpha,                                               # (e^((α−1)u) − 1)/(α−1): α→1 reverse, α=0 forward
+    "reverse_kl": lambda u, alpha: u,                       # f(x) = x log x: f'(e^u) = u + 1
+    "forward_kl": _forward_kl,                              # f(x) = −log x: f'(e^u) = −e^(−u)
+    "js": lambda u, alpha: math.log(2) + F.logsigmoid(u),   # Jensen-Shannon: f'(e^u) = log(2e^u / (1 + e^u))
+    "alpha": _alpha,                                        # (e^((α−1)u) − 1)/(α−1): α → 1 reverse, α = 0 forward
 }
 """f'(e^u) for each f-divergence of f-DPO (Wang et al. 2023, "Beyond Reverse KL", 2309.16240), shifted
 by a constant (which cancels in h) so that every transform is 0 at u = 0: a policy equal to its

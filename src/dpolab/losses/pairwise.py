@@ -133,7 +133,8 @@ def apo_zero_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Te
     (2408.06266). Raises the chosen likelihood and lowers the rejected one, each anchored at the
     reference. Use it when: the chosen answers are better than what the model writes now.
     """
-    return (1 - torch.sigmoid(beta * (policy_chosen - ref_chosen))) + torch.sigmoid(beta * (policy_rejected - ref_rejected))
+    chosen_ratio, rejected_ratio = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    return (1 - torch.sigmoid(chosen_ratio)) + torch.sigmoid(rejected_ratio)
 
 
 @register_loss("apo_down")
@@ -188,8 +189,9 @@ def sigmoid_norm_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen
     """Length-normalized DPO: −log σ(β·h̄), h̄ = r_w/|y_w| − r_l/|y_l|.
 
     Paper: DPO (Rafailov et al. 2023, 2305.18290) on per-token log-ratios, the length normalization
-    SimPO (Meng et al. 2024, 2405.14734) uses, kept with a reference. Use it when: DPO rewards length (chosen answers tend to be longer),
-    so the model learns verbosity; use a larger β than for DPO, since h̄ is per token.
+    SimPO (Meng et al. 2024, 2405.14734) uses, kept with a reference. Use it when: DPO rewards length
+    (chosen answers tend to be longer) and the model learns verbosity; use a larger β than for DPO,
+    since h̄ is per token.
     """
     h_bar = per_token(policy_chosen - ref_chosen, chosen_lengths) - per_token(policy_rejected - ref_rejected,
                                                                               rejected_lengths)

@@ -70,9 +70,10 @@ class LossMix:
     """The weighted sum Σ_k w_k · loss_k of registered losses (``--loss a,b --loss-weights 0.8,0.2``).
 
     This is the "MPO" mix (mixed preference optimization: several losses, one weighted sum), and with
-    ``sigmoid,sft`` the RPO objective of Pang et al. 2024 (2404.19733). The weights arrive like every other hyperparameter, as
-    ``loss_weights`` (default: 1 each). The mix is reference-free only when every part is; the parts
-    must share one objective (KTO, which trains on unpaired examples, does not mix with pair losses).
+    ``sigmoid,sft`` the RPO objective of Pang et al. 2024 (2404.19733). The weights arrive like every
+    other hyperparameter, as ``loss_weights`` (default: 1 each). The mix is reference-free only when
+    every part is; the parts must share one objective (KTO, which trains on unpaired examples, does
+    not mix with pair losses).
     """
 
     def __init__(self, names: list[str]):
