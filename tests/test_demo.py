@@ -89,7 +89,8 @@ def test_demo_bad_options_are_one_line(argv, needle, tmp_path, capsys):
 
 def run_demo(args, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "dpolab", "demo", "--no-progress", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "dpolab", "demo", "--no-progress", "--threads", "1",
+                           *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -109,9 +110,9 @@ def test_demo_quick_end_to_end_and_cached_reference(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     check_report(out, summary)
-    assert summary["task"] == "reviews" and summary["beta"] == 0.1
-    assert [p["name"] for p in summary["policies"]] == ["dpo-beta0.1", "preferred-ft"]
-    for name in ("dpo-beta0.1", "preferred-ft"):
+    assert summary["task"] == "reviews" and summary["beta"] == 1.0
+    assert [p["name"] for p in summary["policies"]] == ["dpo-beta1", "preferred-ft"]
+    for name in ("dpo-beta1", "preferred-ft"):
         assert (out / "policies" / name / "final" / "model.safetensors").is_file()
         assert (out / "policies" / name / "metrics.jsonl").is_file()
     assert "training a" in first.stdout and "win rate vs π_ref" in first.stdout  # the printed table
@@ -123,7 +124,7 @@ def test_demo_quick_end_to_end_and_cached_reference(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing the cached reference model" in second.stdout and "training a" not in second.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert [p["beta"] for p in summary["policies"]] == [0.1, 0.5] and summary["eval_prompts"] == 8
+    assert [p["beta"] for p in summary["policies"]] == [1.0, 0.5] and summary["eval_prompts"] == 8
 
 
 def test_demo_on_pretrained_stories260k(tmp_path, stories_dir):

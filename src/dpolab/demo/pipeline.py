@@ -48,8 +48,8 @@ def make_plan(cfg: DemoConfig, pretrained: bool) -> Plan:
     return Plan(base=base, train_prompts=pick("train_prompts", sizes["train_prompts"]),
                 eval_prompts=pick("eval_prompts", sizes["eval_prompts"]),
                 samples_per_prompt=pick("samples_per_prompt", sizes["samples_per_prompt"]),
-                max_new_tokens=pick("max_new_tokens", 48 if pretrained else 40),
-                learning_rate=pick("learning_rate", 1e-3 if pretrained else 5e-4),
+                max_new_tokens=pick("max_new_tokens", 40 if not pretrained else 24 if cfg.quick else 48),
+                learning_rate=pick("learning_rate", 1e-3 if not pretrained else 2e-4),
                 epochs=pick("epochs", 1.0), eval_pair_prompts=sizes["eval_pair_prompts"])
 
 
@@ -202,8 +202,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     from . import report
 
     start = time.perf_counter()
-    if cfg.threads or not torch.cuda.is_available():
-        torch.set_num_threads(cfg.threads or 1)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
