@@ -122,6 +122,22 @@ def test_unpaired_file_given_to_a_pairwise_loss_says_use_kto(tmp_path):
     assert len(load_examples(path).examples) == 1
 
 
+def test_strict_refuses_unusable_rows_for_kto_too(tmp_path):
+    from dpolab.prepare import prepare_data
+
+    tok = make_word_tokenizer()
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "copy: red", "chosen": " red", "rejected": " cat"},
+                                                   {"prompt": "copy: cat", "chosen": " dog", "rejected": " dog"}])
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "copy: red", "completion": " red", "label": True},
+                                                 {"prompt": "copy: " + "red " * 20, "completion": " red", "label": True}])
+    config = dict(model="m", output_dir=str(tmp_path / "out"), loss="kto", max_length=16, max_prompt_length=8)
+    assert len(prepare_data(TrainConfig(data=str(pairs), **config), tok).train) == 2  # identical pair dropped
+    with pytest.raises(DataError, match="row 2.*--strict"):
+        prepare_data(TrainConfig(data=str(pairs), strict=True, **config), tok)
+    with pytest.raises(DataError, match="row 2.*--strict"):
+        prepare_data(TrainConfig(data=str(long), strict=True, **config), tok)
+
+
 def test_kl_partners_pick_another_prompt_and_completion():
     examples = [UnpairedExample(f"p{i // 2}", f"c{i}", i % 2 == 0) for i in range(10)]
     partners = kl_partners(examples, seed=3)

@@ -82,6 +82,7 @@ def test_loss_flags_from_the_command_line():
     (dict(ref_sync_steps=0, reference="model"), "ref_sync_steps", ">= 1"),
     (dict(ref_sync_steps=4), "ref_sync_steps", "--reference model"),
     (dict(ref_sync_steps=4, reference="model", loss="simpo"), "ref_sync_steps", "reference-free"),
+    (dict(ref_sync_steps=4, reference="model", resume="latest"), "resume", "TR-DPO reference"),
     (dict(f_divergence="js", loss="orpo"), "f_divergence", "reference-free"),
     (dict(wpo=True, loss="kto"), "wpo", "unpaired"),
     (dict(ld_alpha=0.5, loss="kto"), "ld_alpha", "unpaired"),

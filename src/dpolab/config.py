@@ -263,6 +263,9 @@ def _validate_objective(c: TrainConfig) -> None:
     _check(c.ref_sync_steps is None or c.reference == "model", "ref_sync_steps",
            "TR-DPO updates the reference model, but --reference precompute scores it once before training",
            "add --reference model")
+    _check(c.ref_sync_steps is None or c.resume is None, "resume",
+           "cannot restore a TR-DPO reference: checkpoints hold the policy, and the reference moved with it",
+           "rerun without --resume, or train without --ref-sync-steps")
 
 
 def _validate_weights(c: TrainConfig, names: list[str]) -> None:

@@ -131,13 +131,7 @@ def _tokenize(name: str, source: str, pairs: list[PreferencePair], tokenizer,
     tokenized, stats = tokenize_pairs(pairs, tokenizer, max_length=config.max_length,
                                       max_prompt_length=config.max_prompt_length,
                                       show_progress=config.progress and len(pairs) >= PROGRESS_MIN_PAIRS)
-    problems = dict(stats.first_dropped)
-    if stats.first_prompt_truncated is not None:
-        problems["prompt_truncated"] = stats.first_prompt_truncated
-    if config.strict and problems:  # strict: a row is used as written, or the run refuses it
-        reason, index = min(problems.items(), key=lambda item: item[1])
-        raise DataError(source, f"unusable pair ({STRICT_REASONS.get(reason, reason)}) and --strict is on",
-                        row=pairs[index].row or None, fix="fix or remove the row, or drop --strict to skip such rows")
+    _check_strict_tokens(config, source, stats, pairs)
     if not tokenized:
         raise DataError(source, f"no {name} pair fits max_length={config.max_length} "
                         f"(dropped: {stats.dropped})", fix="raise --max-length or lower --max-prompt-length")
@@ -148,6 +142,17 @@ def _tokenize(name: str, source: str, pairs: list[PreferencePair], tokenizer,
         lines.append(f"{name}: {stats.boundary_fallbacks:,} completions tokenized apart from their prompt "
                      "(a token merged across the prompt/completion boundary)")
     return tokenized, lines
+
+
+def _check_strict_tokens(config: TrainConfig, source: str, stats, records: list) -> None:
+    """--strict: a row is used as written, or the run refuses it (``records[i].row`` names the row)."""
+    problems = dict(stats.first_dropped)
+    if stats.first_prompt_truncated is not None:
+        problems["prompt_truncated"] = stats.first_prompt_truncated
+    if config.strict and problems:
+        reason, index = min(problems.items(), key=lambda item: item[1])
+        raise DataError(source, f"unusable pair ({STRICT_REASONS.get(reason, reason)}) and --strict is on",
+                        row=records[index].row or None, fix="fix or remove the row, or drop --strict to skip such rows")
 
 
 def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
@@ -212,10 +217,12 @@ def prepare_output_dir(config: TrainConfig, rt: Runtime) -> Path:
 def prepare_examples(config: TrainConfig, tokenizer) -> PreparedData:
     """KTO: load unpaired examples (or pairs, each split in two), hold out eval rows, tokenize with KL rows."""
     loaded = load_examples(config.data, split=config.data_split)
+    _check_strict(config, loaded)
     summary = [_examples_line("train", loaded)]
     train, held = loaded.examples, []
     if config.eval_data:
         eval_loaded = load_examples(config.eval_data, split=config.data_split)
+        _check_strict(config, eval_loaded)
         held = eval_loaded.examples
         summary.append(_examples_line("eval", eval_loaded))
     elif config.eval_split > 0:  # hold out whole rows: both halves of a split pair stay together
@@ -244,6 +251,7 @@ def _tokenize_examples(name: str, source: str, examples: list, tokenizer,
     tokenized, stats = tokenize_examples(examples, tokenizer, max_length=config.max_length,
                                          max_prompt_length=config.max_prompt_length, seed=config.seed,
                                          show_progress=config.progress and len(examples) >= PROGRESS_MIN_PAIRS)
+    _check_strict_tokens(config, source, stats, examples)
     if not tokenized:
         raise DataError(source, f"no {name} example fits max_length={config.max_length} (dropped: {stats.dropped})",
                         fix="raise --max-length or lower --max-prompt-length")
