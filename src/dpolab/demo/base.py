@@ -163,5 +163,6 @@ def build_reference(spec: BaseSpec, cache_dir: Path, *, progress: bool = True, s
     (tmp / "base.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    say(f"π_ref: final training loss {final_loss:.3f} nats per completion token, {info['seconds']}s; saved to {folder}")
+    say(f"π_ref: final training loss {final_loss:.3f} nats per completion token, {info['seconds']}s; "
+        f"saved to {folder}")
     return folder

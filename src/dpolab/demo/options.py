@@ -48,7 +48,7 @@ class DemoConfig:
     batch_size: int = 32
     """Preference pairs per optimizer step."""
     threads: Optional[int] = None
-    """CPU threads for torch (default: torch's choice, one per core). On a machine busy with other work, 1 can be several times faster for these small models."""
+    """CPU threads for torch (default: the idle cores, i.e. torch's one per core minus the load average, at least 1: on a busy machine one thread is several times faster for these small models than two that wait for each other)."""
     progress: bool = True
     """Show progress bars."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +73,9 @@ TASKS = {
 
 
 def pick_task(cfg: DemoConfig) -> Task:
-    name = cfg.task if cfg.task != "auto" else ("stories" if cfg.model else "reviews")
-    if name == "reviews" and cfg.model:
-        pass  # allowed: e.g. a policy trained by an earlier demo run
-    return TASKS[name]
+    """--task, or auto: reviews for the self-trained π_ref, stories for a pretrained --model (reviews with
+    --model also works, e.g. on a policy an earlier demo trained)."""
+    return TASKS[cfg.task if cfg.task != "auto" else ("stories" if cfg.model else "reviews")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,6 +191,21 @@ def evaluate_policy(policy, reference, tokenizer, eval_pairs, config, rt, task: 
 # The whole demo
 # ------------------------------------------------------------------------------------------------
 
+def idle_cores(cores: int) -> int:
+    """Threads that will not fight other work for a core: the cores minus the 1-minute load average.
+
+    Small models gain little from a second thread, but lose several times over when one of their
+    threads waits for a core another process holds (OpenMP threads spin at every barrier).
+    """
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return cores
+    return max(1, min(cores, cores - round(load)))
+
+
 def run_demo(cfg: DemoConfig, say=print) -> dict:
     """Run the experiment end to end and write the report; returns the summary (also summary.json)."""
     import torch
@@ -202,8 +215,8 @@ def run_demo(cfg: DemoConfig, say=print) -> dict:
     from . import report
 
     start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or idle_cores(torch.get_num_threads()))
+    say(f"threads: {torch.get_num_threads()}")
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
