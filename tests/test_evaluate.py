@@ -12,7 +12,7 @@ import torch
 from dpolab import cli
 from dpolab.errors import ConfigError
 from dpolab.evaluate import (completion_logps, evaluate_by_sampling, kl_by_sampling, load_judge, mean_stderr,
-                             reference_of_run, win_rate)
+                             reference_of_run, run_config, win_rate)
 from dpolab.generate import Sample, encode_prompts, generate
 from dpolab.toy import copy_task_rows, make_tiny_llama, make_word_tokenizer, write_jsonl
 
@@ -140,7 +140,8 @@ def test_reference_of_run(tmp_path):
     (tmp_path / "run" / "final").mkdir(parents=True)
     (tmp_path / "run" / "config.yaml").write_text("model: ./sft-model\nbeta: 0.1\n")
     assert reference_of_run(str(tmp_path / "run" / "final")) == "./sft-model"
-    assert reference_of_run(str(tmp_path / "elsewhere")) is None
+    assert run_config(str(tmp_path / "run" / "final"))["beta"] == 0.1
+    assert reference_of_run(str(tmp_path / "elsewhere")) is None and run_config(str(tmp_path / "elsewhere")) == {}
 
 
 def test_eval_command_policy_equal_to_reference(tiny_model_dir, tmp_path, capsys):
@@ -165,7 +166,7 @@ def test_eval_command_without_reference_compares_log_probs(tiny_model_dir, tmp_p
     out = tmp_path / "eval.json"
     assert cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out)]) == 0
     m = json.loads(out.read_text())
-    assert m["reference"] is None and 0 <= m["eval_rewards/accuracies"] <= 1
+    assert m["reference"] is None and m["beta"] == 0.1 and 0 <= m["eval_rewards/accuracies"] <= 1
 
 
 @pytest.mark.parametrize("extra, needle", [([], "nothing to evaluate"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 
 from .cli import add_config_arguments, config_from_args
 from .errors import ConfigError
@@ -24,7 +25,7 @@ examples:
 
 GENERATE_EXAMPLES = """\
 examples:
-  dpolab generate --model runs/demo/policies/dpo-beta0.1/final --prompt "the remake is a comedy about a lost dog ."
+  dpolab generate --model runs/demo/policies/dpo-beta1/final --prompt "the remake is a comedy about a lost dog ."
   dpolab generate --model ./my-model --prompts prompts.txt --num-samples 4 --top-p 0.9 --output samples.jsonl
 """
 
@@ -41,19 +42,21 @@ def add_commands(sub, formatter) -> None:
     from .demo.options import DemoConfig
 
     demo = sub.add_parser("demo", help="run DPO's reward-vs-KL experiment in miniature, nothing to download",
-                          description="Train a small reference policy on generated movie reviews, make "
-                          "preference pairs with a gold sentiment reward, train DPO (and Preferred-FT) with "
-                          "dpolab train's code, evaluate win rate and KL on held-out prompts, and write "
-                          "OUTPUT_DIR/report.html.", epilog=DEMO_EXAMPLES, formatter_class=formatter,
+                          description=textwrap.fill(
+                              "Train a small reference policy on generated movie reviews, make preference pairs "
+                              "with a gold sentiment reward, train DPO (and Preferred-FT) with dpolab train's code, "
+                              "evaluate win rate and KL on held-out prompts, and write OUTPUT_DIR/report.html.", 90),
+                          epilog=DEMO_EXAMPLES, formatter_class=formatter,
                           argument_default=argparse.SUPPRESS)
     demo.add_argument("--config", metavar="YAML", help="YAML file whose keys are any of the flags below")
     add_config_arguments(demo, DemoConfig)
 
     gen = sub.add_parser("generate", help="sample completions from a causal LM (JSONL out)",
-                         description="Batched, seeded sampling: one JSON line per completion with prompt, "
-                         "completion, sample index and whether the model ended it (EOS).",
+                         description=textwrap.fill(
+                             "Batched, seeded sampling: one JSON line per completion with prompt, completion, "
+                             "sample index and whether the model ended it (EOS).", 90),
                          epilog=GENERATE_EXAMPLES, formatter_class=formatter)
-    gen.add_argument("--model", required=True, help="folder or hub name of the causal LM")
+    gen.add_argument("--model", required=True, metavar="DIR", help="folder or hub name of the causal LM")
     which = gen.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompts", metavar="FILE", help="prompts: one per line, or JSONL/JSON rows with 'prompt'")
     which.add_argument("--prompt", metavar="TEXT", action="append", help="a prompt (repeat for more)")
@@ -64,20 +67,23 @@ def add_commands(sub, formatter) -> None:
     gen.add_argument("--output", metavar="FILE", help="JSONL file to write (default: standard output)")
 
     ev = sub.add_parser("eval", help="held-out preference accuracy, KL by sampling and win rate under a judge",
-                        description="Evaluate a policy against its reference: on preference pairs (--data) the "
-                        "implicit-reward accuracy and margins; on prompts (--prompts) KL(π‖π_ref) by sampling "
-                        "from π, and with --judge the mean rewards and the win rate of π over π_ref.",
+                        description=textwrap.fill(
+                            "Evaluate a policy against its reference: on preference pairs (--data) the "
+                            "implicit-reward accuracy and margins; on prompts (--prompts) KL(π‖π_ref) by sampling "
+                            "from π, and with --judge the mean rewards and the win rate of π over π_ref.", 90),
                         epilog=EVAL_EXAMPLES, formatter_class=formatter)
-    ev.add_argument("--model", required=True, help="the policy: folder or hub name")
-    ev.add_argument("--reference", help="the reference π_ref (default: the 'model' of the run's config.yaml "
+    ev.add_argument("--model", required=True, metavar="DIR", help="the policy: folder or hub name")
+    ev.add_argument("--reference", metavar="DIR",
+                    help="the reference π_ref (default: the 'model' of the run's config.yaml "
                     "when --model is a dpolab run's final/ folder; without one, pairs are compared on log π alone)")
-    ev.add_argument("--data", help="held-out preference pairs (any format dpolab train reads)")
+    ev.add_argument("--data", metavar="PAIRS", help="held-out preference pairs (any format dpolab train reads)")
     ev.add_argument("--prompts", metavar="FILE", help="held-out prompts: one per line, or JSONL rows with 'prompt'")
     ev.add_argument("--judge", metavar="MODULE:FUNCTION", help="reward function (prompts, completions) -> "
                     "rewards, e.g. dpolab.demo.grammar:review_reward; needs --prompts")
-    ev.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward β·(log π − log π_ref)")
-    ev.add_argument("--max-length", type=int, default=1024, help="longest prompt + completion of a pair")
-    ev.add_argument("--max-prompt-length", type=int, default=512, help="longest prompt of a pair")
+    ev.add_argument("--beta", type=float, metavar="X", help="β of the implicit reward β·(log π − log π_ref) "
+                    "(default: the run's β when --model is a dpolab run's final/ folder, else 0.1)")
+    ev.add_argument("--max-length", type=int, default=1024, metavar="N", help="longest prompt + completion of a pair")
+    ev.add_argument("--max-prompt-length", type=int, default=512, metavar="N", help="longest prompt of a pair")
     _add_sampling_arguments(ev)
     ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to this file")
 
@@ -85,8 +91,8 @@ def add_commands(sub, formatter) -> None:
 def _add_sampling_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="longest completion")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="sequences per forward pass")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the sampling")
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
 
 
@@ -128,7 +134,7 @@ def run_generate(ns: argparse.Namespace) -> int:
 
 
 def run_eval(ns: argparse.Namespace) -> int:
-    from .evaluate import evaluate_by_sampling, load_judge, reference_of_run
+    from .evaluate import evaluate_by_sampling, load_judge, run_config
     from .generate import check_sampling, read_prompts
 
     if not ns.data and not ns.prompts:
@@ -139,12 +145,14 @@ def run_eval(ns: argparse.Namespace) -> int:
                    batch_size=ns.batch_size)
     judge = load_judge(ns.judge) if ns.judge else None
     prompts = read_prompts(ns.prompts) if ns.prompts else None
-    reference_path = ns.reference or reference_of_run(ns.model)
+    run = run_config(ns.model)  # a dpolab run's final/: its starting model and β are the defaults
+    reference_path = ns.reference or run.get("model")
+    ns.beta = ns.beta if ns.beta is not None else float(run.get("beta", 0.1))
     if prompts and not reference_path:
         raise ConfigError("reference", "KL and win rate compare the policy with a reference", "pass --reference DIR")
     tokenizer, policy = _load(ns.model, ns.device)
     reference = _load_reference(reference_path, tokenizer, ns.device) if reference_path else None
-    metrics = {"model": ns.model, "reference": reference_path}
+    metrics = {"model": ns.model, "reference": reference_path, "beta": ns.beta}
     if ns.data:
         metrics.update(_eval_pairs(ns, policy, reference, tokenizer))
     if prompts:

@@ -208,9 +208,9 @@ def evaluate_pairs(model, reference_model, pairs, config, rt, pad_token_id: int)
     return evaluate(model, pairs, reference, get_loss("sigmoid"), config, rt, pad_token_id)
 
 
-def reference_of_run(model_dir: str) -> str | None:
-    """The model a dpolab run started from, read from its ``config.yaml`` when ``model_dir`` is the
-    run's ``final/`` or a checkpoint folder: the natural π_ref to evaluate against."""
+def run_config(model_dir: str) -> dict:
+    """The resolved config of the dpolab run whose ``final/`` (or checkpoint) folder ``model_dir`` is,
+    read from the run's ``config.yaml``; empty when ``model_dir`` is not inside a run."""
     import yaml
 
     path = Path(model_dir).resolve()
@@ -220,7 +220,12 @@ def reference_of_run(model_dir: str) -> str | None:
             try:
                 data = yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}
             except yaml.YAMLError:
-                return None
-            model = data.get("model") if isinstance(data, dict) else None
-            return str(model) if model else None
-    return None
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
+
+
+def reference_of_run(model_dir: str) -> str | None:
+    """The model a dpolab run started from: the natural π_ref to evaluate its policy against."""
+    model = run_config(model_dir).get("model")
+    return str(model) if model else None

@@ -172,7 +172,7 @@ th {{ background: #f3f3f3; }} figure {{ display: inline-block; margin: 4px; }} i
 </style></head><body>
 <h1>dpolab demo: DPO on {e(summary['task'])}</h1>
 <p class="big">Against π_ref on {summary['eval_prompts']} held-out prompts, the DPO policy (β={summary['beta']:g})
-wins <b>{summary['win_rate']:.0%}</b> of pairwise comparisons under the gold reward
+wins <b>{summary['win_rate']:.1%}</b> of pairwise comparisons under the gold reward
 (<code>{e(summary['judge'])}</code>), at KL(π‖π_ref) = <b>{summary['kl']:.2f} ± {summary['kl_stderr']:.2f}</b>
 nats; mean gold reward {summary['gold_reward_policy']:.3f} vs {summary['gold_reward_reference']:.3f}.</p>
 <p>π_ref: <code>{e(summary['reference_model'])}</code>; {summary['train_pairs']:,} preference pairs from
