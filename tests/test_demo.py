@@ -58,6 +58,15 @@ def test_held_out_prompts_are_distinct_and_unseen(make):
     assert len(set(train)) == 60 and len(set(held)) == 30 and not set(train) & set(held)
 
 
+def test_too_many_prompts_for_the_grammar_is_a_config_error():
+    from dpolab.demo.grammar import distinct_prompts
+    from dpolab.errors import ConfigError
+
+    assert sorted(distinct_prompts(lambda rng: rng.choice("abc"), 3, 0)) == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match="only 1 distinct prompts besides the 2 held-in"):
+        distinct_prompts(lambda rng: rng.choice("abc"), 2, 0, exclude={"a", "b"})
+
+
 def test_pairs_from_higher_and_lower_rewards():
     from dpolab.demo.pipeline import make_pairs
 

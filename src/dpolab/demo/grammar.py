@@ -129,7 +129,11 @@ def distinct_prompts(make, n: int, seed: int, exclude: set[str] = frozenset()) -
         if p not in exclude:
             out[p] = None
     if len(out) < n:
-        raise ValueError(f"the grammar has fewer than {n} distinct prompts outside the excluded set")
+        from ..errors import ConfigError
+
+        raise ConfigError("train_prompts", f"the grammar has only {len(out)} distinct prompts besides the "
+                          f"{len(exclude)} held-in ones, {n} were asked for",
+                          "use fewer --train-prompts or --eval-prompts")
     return list(out)
 
 
@@ -185,7 +189,8 @@ STORY_LEXICON = {
     "bad": -1.0, "lost": -0.8, "broke": -1.0, "broken": -1.0, "upset": -1.5, "sorry": -0.8, "afraid": -1.2,
     "fell": -0.6, "mean": -1.0, "alone": -1.0, "ouch": -1.0,
 }
-NAMES = ["Lily", "Tom", "Sue", "Ben", "Mia", "Max", "Anna", "Tim", "Lucy", "Sam", "Jack", "Amy"]
+NAMES = ["Lily", "Tom", "Sue", "Ben", "Mia", "Max", "Anna", "Tim", "Lucy", "Sam", "Jack", "Amy", "Bob", "Zoe",
+         "Kim", "Joe", "Ella", "Leo", "Rose", "Dan"]
 STORY_PLACES = ["park", "beach", "forest", "garden", "store", "lake", "zoo", "farm"]
 STORY_THINGS = ["a red ball", "a big box", "a little bird", "a shiny stone", "a toy car", "a kite"]
 
@@ -193,11 +198,14 @@ STORY_THINGS = ["a red ball", "a big box", "a little bird", "a shiny stone", "a 
 def story_prompt(rng: random.Random) -> str:
     """A story opening in TinyStories style that leaves the mood of the story open."""
     name = rng.choice(NAMES)
-    kind = rng.randrange(3)
+    kind = rng.randrange(4)
     if kind == 0:
         return f"Once upon a time, there was a little {rng.choice(['girl', 'boy'])} named {name}."
     if kind == 1:
         return f"One day, {name} went to the {rng.choice(STORY_PLACES)}."
+    if kind == 2:
+        friend = rng.choice([n for n in NAMES if n != name])
+        return f"{name} and {friend} were playing in the {rng.choice(STORY_PLACES)}."
     return f"{name} found {rng.choice(STORY_THINGS)} in the {rng.choice(STORY_PLACES)}."
 
 
