@@ -19,12 +19,25 @@ from .tokenize import TokenizedPair
 from .examples import TokenizedExample
 
 
-def _to(batch, device):
-    return type(batch)(**{k: v.to(device, non_blocking=True) for k, v in batch.__dict__.items()})
+class _Rows:
+    """What the loop asks of any batch: its item count, its real tokens, and a copy on a device."""
+
+    @property
+    def num_pairs(self) -> int:
+        """Items (pairs, or KTO examples) in the batch: the loop weighs every item the same."""
+        return self.index.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Non-padding tokens the model processes for this batch."""
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str):
+        return type(self)(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
 
 
 @dataclass
-class PairBatch:
+class PairBatch(_Rows):
     """2B rows: rows [0, B) hold prompt+chosen, rows [B, 2B) hold prompt+rejected."""
 
     input_ids: Tensor        # [2B, T] long
@@ -34,21 +47,9 @@ class PairBatch:
     chosen_lengths: Tensor   # [B] completion token counts
     rejected_lengths: Tensor  # [B]
 
-    @property
-    def num_pairs(self) -> int:
-        return self.index.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        """Non-padding tokens the model processes for this batch."""
-        return int(self.attention_mask.sum())
-
-    def to(self, device: torch.device | str) -> "PairBatch":
-        return _to(self, device)
-
 
 @dataclass
-class ExampleBatch:
+class ExampleBatch(_Rows):
     """KTO: 2B rows: rows [0, B) hold prompt_i + completion_i, rows [B, 2B) prompt_i + the KL completion
     (another example's completion, scored only to estimate KL(π‖π_ref))."""
 
@@ -59,18 +60,6 @@ class ExampleBatch:
     completion_lengths: Tensor  # [B]
     kl_lengths: Tensor          # [B]
     labels: Tensor              # [B] bool, True = desirable
-
-    @property
-    def num_pairs(self) -> int:
-        """Examples in the batch (named like ``PairBatch.num_pairs``: the loop counts items with it)."""
-        return self.index.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    def to(self, device: torch.device | str) -> "ExampleBatch":
-        return _to(self, device)
 
 
 def _layout(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, *,
