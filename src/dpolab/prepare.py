@@ -155,6 +155,22 @@ def _check_strict_tokens(config: TrainConfig, source: str, stats, records: list)
                         row=records[index].row or None, fix="fix or remove the row, or drop --strict to skip such rows")
 
 
+def _load_sources(config: TrainConfig, load, line):
+    """Read --data (and --eval-data), refuse unusable rows under --strict, describe what was read.
+
+    Returns (train source, eval source or None, summary lines); pairs and KTO examples share it.
+    """
+    loaded = load(config.data, split=config.data_split)
+    _check_strict(config, loaded)
+    summary = [line("train", loaded)]
+    eval_loaded = None
+    if config.eval_data:
+        eval_loaded = load(config.eval_data, split=config.data_split)
+        _check_strict(config, eval_loaded)
+        summary.append(line("eval", eval_loaded))
+    return loaded, eval_loaded, summary
+
+
 def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
     """Load, normalise, split and tokenize the training (and eval) data; raises DataError on bad input.
 
@@ -162,15 +178,10 @@ def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
     """
     if getattr(get_loss(config.loss), "unpaired", False):
         return prepare_examples(config, tokenizer)
-    loaded = load_pairs(config.data, split=config.data_split)
-    _check_strict(config, loaded)
-    summary = [_load_line("train", loaded)]
+    loaded, eval_loaded, summary = _load_sources(config, load_pairs, _load_line)
     train_pairs, eval_pairs = loaded.pairs, []
-    if config.eval_data:
-        eval_loaded = load_pairs(config.eval_data, split=config.data_split)
-        _check_strict(config, eval_loaded)
+    if eval_loaded is not None:
         eval_pairs = eval_loaded.pairs
-        summary.append(_load_line("eval", eval_loaded))
     elif config.eval_split > 0:
         train_pairs, eval_pairs = split_pairs(train_pairs, config.eval_split, config.seed, config.data)
         summary.append(f"eval: {len(eval_pairs):,} pairs held out of {len(loaded.pairs):,} "
@@ -216,15 +227,10 @@ def prepare_output_dir(config: TrainConfig, rt: Runtime) -> Path:
 
 def prepare_examples(config: TrainConfig, tokenizer) -> PreparedData:
     """KTO: load unpaired examples (or pairs, each split in two), hold out eval rows, tokenize with KL rows."""
-    loaded = load_examples(config.data, split=config.data_split)
-    _check_strict(config, loaded)
-    summary = [_examples_line("train", loaded)]
+    loaded, eval_loaded, summary = _load_sources(config, load_examples, _examples_line)
     train, held = loaded.examples, []
-    if config.eval_data:
-        eval_loaded = load_examples(config.eval_data, split=config.data_split)
-        _check_strict(config, eval_loaded)
+    if eval_loaded is not None:
         held = eval_loaded.examples
-        summary.append(_examples_line("eval", eval_loaded))
     elif config.eval_split > 0:  # hold out whole rows: both halves of a split pair stay together
         _, held_rows = split_pairs(sorted({e.row for e in train}), config.eval_split, config.seed, config.data)
         held_rows = set(held_rows)
