@@ -307,7 +307,8 @@ SAMPLES = {
     "f_divergence": "js", "f_alpha": 0.25, "wpo": True, "ld_alpha": 0.5, "desirable_weight": 1.5,
     "undesirable_weight": 0.75, "ref_sync_steps": 8, "ref_sync_alpha": 0.5,
     "allow_pickle": True, "resume": "runs/x/checkpoints/step-2", "resume_force": True, "save_total_limit": 2,
-    "max_skipped_steps": 3, "strict": True,
+    "max_skipped_steps": 3, "strict": True, "prefix_sharing": False, "packing": False, "pack_length": 2048,
+    "gradient_checkpointing": True,
 }
 NEEDS = {"eval_steps": {"eval_data": "heldout.jsonl"},
          "early_stopping_patience": {"eval_data": "heldout.jsonl", "eval_steps": 4},

@@ -67,13 +67,13 @@ def test_loss_raises_the_margin(tmp_path, tiny_model_dir, copy_data, loss, overr
 
 def test_reference_free_losses_run_one_forward_per_batch(tmp_path, tiny_model_dir, copy_data, monkeypatch):
     calls = []
-    real = reference_module.sequence_logps
+    real = reference_module.batch_logps
 
     def counting(model, *args, **kwargs):
         calls.append(model)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(reference_module, "sequence_logps", counting)
+    monkeypatch.setattr(reference_module, "batch_logps", counting)
     train(tmp_path / "a", tiny_model_dir, copy_data, "simpo", reference="model", max_steps=3)
     assert len(calls) == 3 and len({id(m) for m in calls}) == 1  # the policy only
     calls.clear()

@@ -186,7 +186,10 @@ def _eval_pairs(ns, policy, reference, tokenizer) -> dict:
 
     config = TrainConfig(model=ns.model, data=ns.data, output_dir="-", beta=ns.beta, eval_batch_size=ns.batch_size,
                          max_length=ns.max_length, max_prompt_length=ns.max_prompt_length, precision="fp32",
-                         device=ns.device, progress=False)
+                         device=ns.device, progress=False,
+                         # plain rows: the policy and the reference see each pair bit-identically laid out,
+                         # so a policy equal to its reference gets margins of exactly 0 (not float noise)
+                         packing=False, prefix_sharing=False)
     pairs = prepare_data(config, tokenizer).train
     rt = Runtime.create(ns.device, "fp32")
     return evaluate_pairs(policy, reference, pairs, config, rt, tokenizer.pad_token_id)

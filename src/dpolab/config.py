@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .data.layout import Layout
 from .errors import ConfigError
 
 
@@ -114,6 +115,16 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
     """Pairs per batch for evaluation and the reference pass (default: 2 x batch_size)."""
 
+    # --- speed (each on/off switch gives the same log-probs up to float rounding) ---------------
+    prefix_sharing: bool = True
+    """Encode each prompt once per pair: one row prompt+chosen+rejected whose attention mask hides the chosen tokens from the rejected ones (same log-probs as two padded rows, fewer tokens)."""
+    packing: bool = True
+    """Pack several pairs into one row with a block-diagonal attention mask, so rows carry almost no padding."""
+    pack_length: Optional[int] = None
+    """Longest packed row in tokens (default: the longest pair of the batch, so attention costs no more than without packing)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: much less memory, about a third slower."""
+
     # --- monitoring and outputs ----------------------------------------------------------------
     logging_steps: int = 10
     """Write a metrics row every N optimizer steps (the first and last steps are always logged)."""
@@ -155,6 +166,11 @@ class TrainConfig:
         _validate_objective(self)
 
     # --- helpers -------------------------------------------------------------------------------
+    @property
+    def layout(self) -> Layout:
+        """How batches are laid out in rows (``dpolab.data.layout``)."""
+        return Layout(prefix_sharing=self.prefix_sharing, packing=self.packing, pack_length=self.pack_length)
+
     @property
     def effective_eval_batch_size(self) -> int:
         return self.eval_batch_size or 2 * self.batch_size
@@ -204,7 +220,7 @@ def _validate(c: TrainConfig) -> None:
     _check(c.max_skipped_steps >= 1, "max_skipped_steps", f"must be >= 1, got {c.max_skipped_steps}",
            "use a positive integer (10 by default)")
     for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience", "eval_batch_size",
-                 "save_total_limit"):
+                 "save_total_limit", "pack_length"):
         v = getattr(c, name)
         _check(v is None or v >= 1, name, f"must be >= 1, got {v}", "use a positive integer or leave it unset")
     _check(c.epochs > 0, "epochs", f"must be > 0, got {c.epochs}", "use e.g. 1 or 0.5, or set --max-steps")

@@ -8,6 +8,7 @@ during training each chunk is recomputed in the backward pass instead of being s
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -65,9 +66,51 @@ def chunked_token_logps(head_fn: Callable[[Tensor], Tensor], hidden: Tensor, tar
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def attention_input(model: torch.nn.Module, mask: Tensor) -> Tensor:
+    """A layout's attention mask as the model's attention implementation takes it: a 2-D padding mask
+    as is; a 4-D boolean mask (True = may attend) as is for SDPA, as an additive float mask for eager."""
+    if mask.dim() == 4 and getattr(model.config, "_attn_implementation", "sdpa") == "eager":
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+def supports_custom_layout(model: torch.nn.Module) -> bool:
+    """Whether the model takes the 4-D masks and position ids of the prefix-shared and packed layouts
+    (transformers models with SDPA or eager attention); others train with the plain padded layout."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    parts = split_model(model)
+    forward = (parts[0] if parts else model).forward
+    return impl in ("sdpa", "eager") and "position_ids" in inspect.signature(forward).parameters
+
+
+def scored_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None,
+                 positions: Tensor, targets: Tensor, weights: Tensor, sequences: Tensor, num_sequences: int,
+                 *, chunk_tokens: int = 2048) -> Tensor:
+    """Weighted log-prob sums [num_sequences] (fp32) of the scored tokens of laid-out rows.
+
+    Scored token k is ``targets[k]``, predicted by the hidden state at flat place ``positions[k]``
+    (row · T + column), weighing ``weights[k]`` in the sum of sequence ``sequences[k]``.
+    """
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_input(model, attention_mask), "use_cache": False}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    parts = split_model(model)
+    if parts is None:  # unknown layout: fall back to the full logits the model returns
+        logits = model(**kwargs).logits
+        hidden, head_fn, vocab = logits.flatten(0, 1)[positions], (lambda x: x), logits.shape[-1]
+    else:
+        backbone, head_fn = parts
+        hidden = backbone(**kwargs).last_hidden_state.flatten(0, 1)[positions]
+        vocab = model.config.vocab_size
+    token_logps = chunked_token_logps(head_fn, hidden, targets, vocab, chunk_tokens)
+    sums = torch.zeros(num_sequences, dtype=torch.float32, device=input_ids.device)
+    return sums.index_add(0, sequences, token_logps * weights.float())
+
+
 def sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
                    *, chunk_tokens: int = 2048) -> Tensor:
-    """Weighted sum of log π(token | prefix) over the tokens ``loss_mask`` marks, per row: shape [B], fp32.
+    """Weighted sum of log π(token | prefix) over the tokens ``loss_mask`` marks, per right-padded row: [B] fp32.
 
     ``loss_mask[b, t]`` is the weight of ``input_ids[b, t]`` in its row's sum: 1 on completion tokens,
     0 on the rest (prompt, padding), and for LD-DPO a weight α in between on a completion's tail (see
@@ -75,19 +118,14 @@ def sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     of a row is never scored.
     """
     predict = loss_mask[:, 1:] != 0  # which next-token predictions count
-    weights = loss_mask[:, 1:][predict].float()
-    targets = input_ids[:, 1:][predict]
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predict)[predict]
-    parts = split_model(model)
-    if parts is None:  # unknown layout: fall back to the full logits the model returns
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        hidden, head_fn = logits[:, :-1][predict], (lambda x: x)
-        vocab = logits.shape[-1]
-    else:
-        backbone, head_fn = parts
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state[:, :-1][predict]
-        vocab = model.config.vocab_size
-    token_logps = chunked_token_logps(head_fn, hidden, targets, vocab, chunk_tokens)
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return sums.index_add(0, rows, token_logps * weights)
+    rows, cols = predict.nonzero(as_tuple=True)
+    width = input_ids.shape[1]
+    return scored_logps(model, input_ids, attention_mask, None, rows * width + cols, input_ids[:, 1:][predict],
+                        loss_mask[:, 1:][predict], rows, input_ids.shape[0], chunk_tokens=chunk_tokens)
+
+
+def batch_logps(model: torch.nn.Module, batch, *, chunk_tokens: int = 2048) -> Tensor:
+    """Log-prob sums [2B] of a batch's sequences (first completions, then second ones), any layout."""
+    return scored_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.score_positions,
+                        batch.score_targets, batch.score_weights, batch.score_sequences, 2 * batch.num_pairs,
+                        chunk_tokens=chunk_tokens)

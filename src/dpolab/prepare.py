@@ -64,6 +64,11 @@ def load_model(config: TrainConfig, rt: Runtime) -> torch.nn.Module:
                           "pass a folder written by save_pretrained or a hub model name") from None
     disable_dropout(model)
     model.config.use_cache = False
+    if config.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError("gradient_checkpointing", f"{type(model).__name__} does not support it",
+                              "drop --gradient-checkpointing (or lower --batch-size to save memory)")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(rt.device)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -27,11 +28,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data.batching import PairBatch, collate, row_length
+from .data.layout import Layout
 from .data.tokenize import TokenizedPair
-from .logprobs import sequence_logps
+from .logprobs import batch_logps
 from .runtime import Runtime
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 
 
 def pair_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[Tensor, Tensor]:
@@ -39,13 +41,14 @@ def pair_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[Tensor, Tensor
 
     For KTO's ``ExampleBatch``: (log π(completion|prompt), log π(KL completion|prompt)).
     """
-    logps = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    logps = batch_logps(model, batch)
     return logps[: batch.num_pairs], logps[batch.num_pairs:]
 
 
 @torch.no_grad()
 def score_pairs(model: torch.nn.Module, pairs: list[TokenizedPair], rt: Runtime, *, batch_size: int,
-                pad_token_id: int, desc: str = "scoring", progress: bool = True, ld_alpha: float = 1.0) -> Tensor:
+                pad_token_id: int, desc: str = "scoring", progress: bool = True, ld_alpha: float = 1.0,
+                layout: Layout = Layout()) -> Tensor:
     """Log-probs of every pair as a [max index + 1, 2] fp32 tensor (column 0 chosen, 1 rejected).
 
     Also takes KTO's ``TokenizedExample`` records (column 0 the completion, 1 the KL completion).
@@ -57,7 +60,7 @@ def score_pairs(model: torch.nn.Module, pairs: list[TokenizedPair], rt: Runtime,
     model.eval()
     bar = tqdm(total=len(order), desc=desc, unit="pair", disable=not (progress and rt.is_main))
     for start in range(0, len(order), batch_size):
-        batch = collate(order[start:start + batch_size], pad_token_id, ld_alpha=ld_alpha).to(rt.device)
+        batch = collate(order[start:start + batch_size], pad_token_id, ld_alpha=ld_alpha, layout=layout).to(rt.device)
         with rt.autocast():
             chosen, rejected = pair_logps(model, batch)
         table[batch.index.cpu(), 0] = chosen.float().cpu()
@@ -85,6 +88,13 @@ def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
     return h.hexdigest()
 
 
+def _completions(record) -> tuple[list[int], list[int]]:
+    """A record's two completions: (chosen, rejected) of a pair, (completion, KL completion) of a KTO example."""
+    if hasattr(record, "chosen_ids"):
+        return record.chosen_ids, record.rejected_ids
+    return record.completion_ids, record.kl_completion_ids
+
+
 class PrecomputedReference:
     """Reference log-probs looked up by pair index from tables computed once before training."""
 
@@ -98,22 +108,28 @@ class PrecomputedReference:
     @classmethod
     def build(cls, model: torch.nn.Module, splits: dict[str, list[TokenizedPair]], rt: Runtime, *,
               cache_dir: Path | None, batch_size: int, pad_token_id: int, progress: bool = True,
-              say=print, ld_alpha: float = 1.0) -> "PrecomputedReference":
+              say=print, ld_alpha: float = 1.0, layout: Layout = Layout()) -> "PrecomputedReference":
         """Score every split with ``model`` (or reuse the cache). ``ld_alpha``: LD-DPO's weight of the
         tokens past the shorter completion, applied to the reference exactly as to the policy."""
         key = hashlib.sha256(
-            f"{CACHE_VERSION}|{model_fingerprint(model)}|{rt.precision}|ld_alpha={ld_alpha}|".encode()
+            f"{CACHE_VERSION}|{model_fingerprint(model)}|{rt.precision}|ld_alpha={ld_alpha}|{layout}|".encode()
             + "|".join(f"{s}:{data_fingerprint(p)}" for s, p in sorted(splits.items())).encode()
         ).hexdigest()[:16]
         path = cache_dir / f"reference-{key}.pt" if cache_dir is not None else None
         if path is not None and path.is_file():
             say(f"reference log-probs: reusing cache {path}")
             return cls(torch.load(path, map_location="cpu", weights_only=True))
+        started = time.perf_counter()
         tables = {
             split: score_pairs(model, pairs, rt, batch_size=batch_size, pad_token_id=pad_token_id,
-                               desc=f"reference log-probs ({split})", progress=progress, ld_alpha=ld_alpha)
+                               desc=f"reference log-probs ({split})", progress=progress, ld_alpha=ld_alpha,
+                               layout=layout)
             for split, pairs in splits.items()
         }
+        seconds = time.perf_counter() - started
+        tokens = sum(2 * len(p.prompt_ids) + sum(len(c) for c in _completions(p)) for ps in splits.values() for p in ps)
+        say(f"reference log-probs: {sum(map(len, splits.values())):,} pairs, {tokens:,} tokens in {seconds:.1f} s "
+            f"({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
         if path is not None and rt.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

@@ -87,7 +87,8 @@ def evaluate(model: torch.nn.Module, pairs: list[TokenizedPair], reference, loss
     sums = MetricSums()
     size = config.effective_eval_batch_size
     for start in range(rt.rank * size, len(pairs), size * rt.world_size):  # each process takes its share
-        batch = collate(pairs[start:start + size], pad_token_id, ld_alpha=config.ld_alpha).to(rt.device)
+        batch = collate(pairs[start:start + size], pad_token_id, ld_alpha=config.ld_alpha, layout=config.layout)
+        batch = batch.to(rt.device)
         _, metrics = pair_losses(model, batch, reference, loss_fn, config, rt, "eval")
         sums.add(metrics)
     model.train(was_training)

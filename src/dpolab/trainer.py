@@ -7,6 +7,7 @@ sinks) is prepared before the loop and called from it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .config import TrainConfig
 from .data.batching import PairBatch, collate, epoch_batches
 from .data.tokenize import TokenizedPair
 from .errors import TrainingStopped
+from .logprobs import supports_custom_layout
 from .losses import get_loss
 from .prepare import (PreparedData, check_output_dir, check_tracker, load_model, load_tokenizer, prepare_data,
                       prepare_output_dir)
@@ -63,7 +65,8 @@ def optimizer_steps(pairs: list[TokenizedPair], config: TrainConfig, rt: Runtime
                                            epoch=epoch))
         group = cached[1][i * config.grad_accum:(i + 1) * config.grad_accum]
         shards = [b[rt.rank::rt.world_size] for b in group]
-        micro = [collate([pairs[j] for j in s], pad_token_id, ld_alpha=config.ld_alpha) for s in shards if s]
+        micro = [collate([pairs[j] for j in s], pad_token_id, ld_alpha=config.ld_alpha, layout=config.layout)
+                 for s in shards if s]
         yield epoch + (i + 1) / per_epoch, micro
         step += 1
 
@@ -78,6 +81,10 @@ def train(config: TrainConfig) -> TrainResult:
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer)  # raises on bad input before anything is written
     model = load_model(config, rt)
+    if (config.prefix_sharing or config.packing) and not supports_custom_layout(model):
+        say(f"note: {type(model).__name__} with attention '{model.config._attn_implementation}' does not take "
+            "the masks of prefix sharing and packing; training with plain padded rows")
+        config = dataclasses.replace(config, prefix_sharing=False, packing=False)
     out = prepare_output_dir(config, rt)
     for line in data.summary:
         say(line)
@@ -98,7 +105,8 @@ def train(config: TrainConfig) -> TrainResult:
             splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
             reference = PrecomputedReference.build(
                 model, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
-                pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say, ld_alpha=config.ld_alpha)
+                pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say, ld_alpha=config.ld_alpha,
+                layout=config.layout)
     run = _Run(config, rt, model, tokenizer, data, reference, loss_fn, out, say, build_optimizer(model, config),
                info)
     if resume_from is not None:

@@ -1,11 +1,11 @@
 """Batches of tokenized records: ordering and collation.
 
-A batch of B pairs becomes 2B right-padded rows, chosen first then rejected, so both completions go
-through the model in one forward pass. ``loss_mask`` holds the weight of each token in its row's
-log-prob sum: 1 on completion tokens, 0 on prompt and padding, and for LD-DPO (``ld_alpha`` < 1) α
-on the completion tokens past the shorter completion of the pair. KTO's unpaired examples use the
-same two-halves layout (``ExampleBatch``): each example, then the same prompt with another example's
-completion for the KL estimate.
+A batch of B pairs holds 2B sequences, chosen (0..B-1) then rejected (B..2B-1), that go through the
+model in one forward pass, laid out in rows as ``dpolab.data.layout`` describes (plain padded rows,
+prefix-shared, packed). Each scored token has a weight: 1 on completion tokens, and for LD-DPO
+(``ld_alpha`` < 1) α on the completion tokens past the shorter completion of the pair. KTO's unpaired
+examples (``ExampleBatch``) have the same shape: each example, then the same prompt with another
+example's completion for the KL estimate.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from torch import Tensor
 
 from .tokenize import TokenizedPair
 from .examples import TokenizedExample
+from .layout import Layout, Rows, build_rows
 
 
 class _Rows:
-    """What the loop asks of any batch: its item count, its real tokens, and a copy on a device."""
+    """What the loop asks of any batch: its item count, its tokens, and a copy on a device."""
 
     @property
     def num_pairs(self) -> int:
@@ -29,103 +30,89 @@ class _Rows:
 
     @property
     def num_tokens(self) -> int:
-        """Non-padding tokens the model processes for this batch."""
-        return int(self.attention_mask.sum())
+        """Tokens of the batch's sequences, prompt counted with each completion (2·|x| + |a| + |b| per item),
+        whatever the layout: the same count for every layout, and the one other trainers report."""
+        return self.tokens
 
     def to(self, device: torch.device | str):
-        return type(self)(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+        return type(self)(**{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+                             for k, v in self.__dict__.items()})
 
 
 @dataclass
-class PairBatch(_Rows):
-    """2B rows: rows [0, B) hold prompt+chosen, rows [B, 2B) hold prompt+rejected."""
+class PairBatch(Rows, _Rows):
+    """B pairs. In the plain layout, rows [0, B) hold prompt+chosen and rows [B, 2B) prompt+rejected."""
 
-    input_ids: Tensor        # [2B, T] long
-    attention_mask: Tensor   # [2B, T] long, 1 on real tokens
-    loss_mask: Tensor        # [2B, T] float weight of each token in the log-prob sum (0 off the completion)
-    index: Tensor            # [B] long, TokenizedPair.index of each pair (reference-cache key)
-    chosen_lengths: Tensor   # [B] completion token counts
-    rejected_lengths: Tensor  # [B]
+    index: Tensor = None            # [B] long, TokenizedPair.index of each pair (reference-cache key)
+    chosen_lengths: Tensor = None   # [B] completion token counts
+    rejected_lengths: Tensor = None  # [B]
+    tokens: int = 0
 
 
 @dataclass
-class ExampleBatch(_Rows):
-    """KTO: 2B rows: rows [0, B) hold prompt_i + completion_i, rows [B, 2B) prompt_i + the KL completion
-    (another example's completion, scored only to estimate KL(π‖π_ref))."""
+class ExampleBatch(Rows, _Rows):
+    """KTO: B examples; each one's completion (sequence i) and, with the same prompt, its KL completion
+    (sequence B + i: another example's completion, scored only to estimate KL(π‖π_ref))."""
 
-    input_ids: Tensor           # [2B, T] long
-    attention_mask: Tensor      # [2B, T] long
-    loss_mask: Tensor           # [2B, T] float, 1 on completion tokens
-    index: Tensor               # [B] long, TokenizedExample.index (reference-cache key)
-    completion_lengths: Tensor  # [B]
-    kl_lengths: Tensor          # [B]
-    labels: Tensor              # [B] bool, True = desirable
+    index: Tensor = None              # [B] long, TokenizedExample.index (reference-cache key)
+    completion_lengths: Tensor = None  # [B]
+    kl_lengths: Tensor = None          # [B]
+    labels: Tensor = None              # [B] bool, True = desirable
+    tokens: int = 0
 
 
-def _layout(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int, *,
-            full_weight: list[int] | None = None, tail_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded rows prompt + completion (right padding keeps position ids 0..n-1).
-
-    Returns input ids, attention mask and token weights: 1 on the first ``full_weight[row]``
-    completion tokens (all of them by default), ``tail_weight`` on the rest, 0 elsewhere.
-    """
-    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    weights = torch.zeros((len(prompts), width), dtype=torch.float32)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-        n, m = len(prompt), len(completion)
-        input_ids[row, : n + m] = torch.tensor(prompt + completion, dtype=torch.long)
-        attention[row, : n + m] = 1
-        weights[row, n : n + m] = 1.0
-        if full_weight is not None and full_weight[row] < m:
-            weights[row, n + full_weight[row] : n + m] = tail_weight
-    return input_ids, attention, weights
+def _tokens(prompts: list[list[int]], firsts: list[list[int]], seconds: list[list[int]]) -> int:
+    return sum(2 * len(x) + len(a) + len(b) for x, a, b in zip(prompts, firsts, seconds))
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, ld_alpha: float = 1.0) -> PairBatch:
-    """Lay out B pairs as 2B right-padded sequences (chosen rows, then rejected rows).
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, ld_alpha: float = 1.0,
+                  layout: Layout = Layout()) -> PairBatch:
+    """Lay out B pairs in rows (the plain layout by default: chosen rows, then rejected rows).
 
     LD-DPO (Liu et al. 2024, 2409.06411): with ``ld_alpha`` α < 1, completion tokens past the shorter
     completion of the pair weigh α in the log-prob sum, log π̂(y|x) = Σ_{t ≤ ℓ} log π + α·Σ_{t > ℓ}
     log π with ℓ = min(|y_w|, |y_l|), which removes most of DPO's pull towards longer answers.
     """
-    prompts = [p.prompt_ids for p in pairs] * 2
-    completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    shared = [min(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs] * 2
-    input_ids, attention, weights = _layout(prompts, completions, pad_token_id, full_weight=shared,
-                                            tail_weight=ld_alpha)
+    prompts = [p.prompt_ids for p in pairs]
+    chosen, rejected = [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]
+    shared = [min(len(a), len(b)) for a, b in zip(chosen, rejected)]
+
+    def weights(completions):
+        return [[1.0 if k < keep else ld_alpha for k in range(len(c))] for c, keep in zip(completions, shared)]
+
+    rows = build_rows(prompts, chosen, rejected, weights(chosen), weights(rejected), pad_token_id, layout)
     return PairBatch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        loss_mask=weights,
+        **vars(rows),
         index=torch.tensor([p.index for p in pairs], dtype=torch.long),
-        chosen_lengths=torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.long),
-        rejected_lengths=torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.long),
+        chosen_lengths=torch.tensor([len(c) for c in chosen], dtype=torch.long),
+        rejected_lengths=torch.tensor([len(c) for c in rejected], dtype=torch.long),
+        tokens=_tokens(prompts, chosen, rejected),
     )
 
 
-def collate_examples(examples: list[TokenizedExample], pad_token_id: int) -> ExampleBatch:
-    """Lay out B unpaired examples as 2B rows: each example, then its prompt with its KL completion."""
-    prompts = [e.prompt_ids for e in examples] * 2
-    completions = [e.completion_ids for e in examples] + [e.kl_completion_ids for e in examples]
-    input_ids, attention, weights = _layout(prompts, completions, pad_token_id)
+def collate_examples(examples: list[TokenizedExample], pad_token_id: int, *,
+                     layout: Layout = Layout()) -> ExampleBatch:
+    """Lay out B unpaired examples: each example, then its prompt with its KL completion."""
+    prompts = [e.prompt_ids for e in examples]
+    completions, kl = [e.completion_ids for e in examples], [e.kl_completion_ids for e in examples]
+    ones = lambda seqs: [[1.0] * len(c) for c in seqs]  # noqa: E731
+    rows = build_rows(prompts, completions, kl, ones(completions), ones(kl), pad_token_id, layout)
     return ExampleBatch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        loss_mask=weights,
+        **vars(rows),
         index=torch.tensor([e.index for e in examples], dtype=torch.long),
-        completion_lengths=torch.tensor([len(e.completion_ids) for e in examples], dtype=torch.long),
-        kl_lengths=torch.tensor([len(e.kl_completion_ids) for e in examples], dtype=torch.long),
+        completion_lengths=torch.tensor([len(c) for c in completions], dtype=torch.long),
+        kl_lengths=torch.tensor([len(c) for c in kl], dtype=torch.long),
         labels=torch.tensor([e.label for e in examples], dtype=torch.bool),
+        tokens=_tokens(prompts, completions, kl),
     )
 
 
-def collate(items: list, pad_token_id: int, *, ld_alpha: float = 1.0) -> PairBatch | ExampleBatch:
+def collate(items: list, pad_token_id: int, *, ld_alpha: float = 1.0,
+            layout: Layout = Layout()) -> PairBatch | ExampleBatch:
     """The batch for tokenized records: a ``PairBatch`` for pairs, an ``ExampleBatch`` for KTO examples."""
     if items and isinstance(items[0], TokenizedExample):
-        return collate_examples(items, pad_token_id)
-    return collate_pairs(items, pad_token_id, ld_alpha=ld_alpha)
+        return collate_examples(items, pad_token_id, layout=layout)
+    return collate_pairs(items, pad_token_id, ld_alpha=ld_alpha, layout=layout)
 
 
 def row_length(item) -> int:
