@@ -68,7 +68,10 @@ def load_model(config: TrainConfig, rt: Runtime) -> torch.nn.Module:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ConfigError("gradient_checkpointing", f"{type(model).__name__} does not support it",
                               "drop --gradient-checkpointing (or lower --batch-size to save memory)")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(rt.device)
 
 
