@@ -106,3 +106,26 @@ def test_real_model_and_conversational_row_match_naive_loop(stories_dir, stories
     for i, p in enumerate(pairs):
         assert chosen[i].item() == pytest.approx(naive_logps(model, p.prompt_ids, p.chosen_ids), abs=1e-3)
         assert rejected[i].item() == pytest.approx(naive_logps(model, p.prompt_ids, p.rejected_ids), abs=1e-3)
+
+
+def test_logit_chunks_stay_within_budget_whatever_the_vocabulary(monkeypatch):
+    """Memory does not grow with the vocabulary: no chunk of logits exceeds LOGITS_PER_CHUNK entries."""
+    seen = []
+    real = logprobs._token_logps
+
+    def recording(head_fn, hidden, targets):
+        out = real(head_fn, hidden, targets)
+        seen.append(hidden.shape[0])
+        return out
+
+    monkeypatch.setattr(logprobs, "_token_logps", recording)
+    monkeypatch.setattr(logprobs, "LOGITS_PER_CHUNK", 1 << 15)
+    for vocab in (64, 512, 2048):
+        seen.clear()
+        model = make_tiny_llama(vocab_size=vocab, seed=1)
+        pairs = varied_pairs(seed=3, vocab=vocab)
+        batch = collate_pairs(pairs, pad_token_id=0)
+        got = sequence_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+        assert max(seen) * vocab <= 1 << 15 and len(seen) >= (3 if vocab == 2048 else 1) and sum(seen) == int((batch.loss_mask[:, 1:] != 0).sum())
+        p = pairs[0]
+        assert got[0].item() == pytest.approx(naive_logps(model, p.prompt_ids, p.chosen_ids), abs=1e-4)

@@ -2,8 +2,9 @@
 
 log π(y|x) = Σ_t log softmax(W·h_t)[y_t], summed over completion positions only (prompt and padding
 are masked). The LM head and the log-softmax are applied only to the hidden states that predict a
-completion token, in chunks, so the full batch × length × vocabulary logits tensor is never built;
-during training each chunk is recomputed in the backward pass instead of being stored.
+completion token, in chunks of at most ``LOGITS_PER_CHUNK`` logits, so the full batch × length ×
+vocabulary logits tensor is never built; during training, when all the chunks together would hold more
+than ``RECOMPUTE_ABOVE`` logits, each chunk is recomputed in the backward pass instead of being stored.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import inspect
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-# Above this many logits (tokens × vocabulary) a chunk is recomputed in backward instead of stored.
-RECOMPUTE_ABOVE = 1 << 25
+# Logits (tokens × vocabulary) per chunk: 16M fp32 logits = 64 MB, e.g. 2,048 tokens of a 8k vocabulary,
+# 110 tokens of a 152k one.
+LOGITS_PER_CHUNK = 1 << 24
+# Above this many logits in a whole batch (512 MB in fp32), chunks are recomputed in backward, not stored.
+RECOMPUTE_ABOVE = 1 << 27
 
 
 def split_model(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[Tensor], Tensor]] | None:
@@ -47,16 +52,18 @@ def split_model(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[Tens
 
 
 def _token_logps(head_fn: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(head(hidden))[targets] in fp32, for a [N, H] chunk."""
-    logits = head_fn(hidden).float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    """log softmax(head(hidden))[targets] in fp32, for a [N, H] chunk (cross-entropy is the fused kernel
+    for it: one pass forward and backward instead of gather + logsumexp)."""
+    return -F.cross_entropy(head_fn(hidden).float(), targets, reduction="none")
 
 
 def chunked_token_logps(head_fn: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor,
-                        vocab_size: int, chunk_tokens: int = 2048) -> Tensor:
-    """Token log-probs for [N, H] hidden states, ``chunk_tokens`` rows at a time."""
+                        vocab_size: int, chunk_tokens: int | None = None) -> Tensor:
+    """Token log-probs for [N, H] hidden states, ``chunk_tokens`` rows at a time (default: as many as
+    fit in ``LOGITS_PER_CHUNK`` logits)."""
     parts = []
-    recompute = torch.is_grad_enabled() and chunk_tokens * vocab_size > RECOMPUTE_ABOVE
+    chunk_tokens = chunk_tokens or max(16, LOGITS_PER_CHUNK // vocab_size)
+    recompute = torch.is_grad_enabled() and hidden.shape[0] * vocab_size > RECOMPUTE_ABOVE
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if recompute:
@@ -86,7 +93,7 @@ def supports_custom_layout(model: torch.nn.Module) -> bool:
 
 def scored_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None,
                  positions: Tensor, targets: Tensor, weights: Tensor, sequences: Tensor, num_sequences: int,
-                 *, chunk_tokens: int = 2048) -> Tensor:
+                 *, chunk_tokens: int | None = None) -> Tensor:
     """Weighted log-prob sums [num_sequences] (fp32) of the scored tokens of laid-out rows.
 
     Scored token k is ``targets[k]``, predicted by the hidden state at flat place ``positions[k]``
@@ -109,7 +116,7 @@ def scored_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tens
 
 
 def sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                   *, chunk_tokens: int = 2048) -> Tensor:
+                   *, chunk_tokens: int | None = None) -> Tensor:
     """Weighted sum of log π(token | prefix) over the tokens ``loss_mask`` marks, per right-padded row: [B] fp32.
 
     ``loss_mask[b, t]`` is the weight of ``input_ids[b, t]`` in its row's sum: 1 on completion tokens,
@@ -124,7 +131,7 @@ def sequence_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
                         loss_mask[:, 1:][predict], rows, input_ids.shape[0], chunk_tokens=chunk_tokens)
 
 
-def batch_logps(model: torch.nn.Module, batch, *, chunk_tokens: int = 2048) -> Tensor:
+def batch_logps(model: torch.nn.Module, batch, *, chunk_tokens: int | None = None) -> Tensor:
     """Log-prob sums [2B] of a batch's sequences (first completions, then second ones), any layout."""
     return scored_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.score_positions,
                         batch.score_targets, batch.score_weights, batch.score_sequences, 2 * batch.num_pairs,
