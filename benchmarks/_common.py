@@ -271,6 +271,21 @@ def tail_mean(values: list[float]) -> tuple[float, float, int]:
     return mean, math.sqrt(var / len(tail)), len(tail)
 
 
+def wait_for_idle(max_wait_s: float, threshold: float = 0.1, sample_s: float = 1.0) -> tuple[float, float]:
+    """Wait (at most ``max_wait_s``) until the machine's busy share over ``sample_s`` is below
+    ``threshold``; returns (seconds waited, last busy share). Without psutil: (0, nan) at once."""
+    try:
+        import psutil
+    except ImportError:
+        return 0.0, float("nan")
+    start = time.perf_counter()
+    while True:
+        busy = psutil.cpu_percent(interval=sample_s) / 100
+        waited = time.perf_counter() - start
+        if busy < threshold or waited >= max_wait_s:
+            return waited, busy
+
+
 def measure_peak_gflops(dtype_name: str, n: int = 2048, reps: int = 5) -> float:
     """Best-of-``reps`` GFLOP/s of an n x n torch.mm in this process (all threads)."""
     import torch

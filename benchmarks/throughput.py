@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="fp32 agreement pass on 16 pairs (default: on for the small workload only)")
     ap.add_argument("--workdir", default="/tmp/dpolab-bench", help="models, data and run folders (reused)")
     ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--wait-idle", type=float, default=60.0, metavar="S",
+                    help="before each run, wait up to S seconds for other processes to leave the CPUs (0: never)")
     return ap.parse_args(argv)
 
 
@@ -70,7 +72,16 @@ def _env(run_dir: Path) -> dict:
                         "PYTHONPATH": src + (os.pathsep + path if path else "")})
 
 
+WAIT_IDLE_S = 0.0  # set from --wait-idle
+
+
 def _fresh(run_dir: Path) -> Path:
+    """An empty run folder, once the CPUs are free (see --wait-idle)."""
+    if WAIT_IDLE_S > 0:
+        waited, busy = C.wait_for_idle(WAIT_IDLE_S)
+        if waited >= 2:
+            print(f"  waited {waited:.0f} s for other processes to leave the CPUs (busy now: {100 * busy:.0f}%)",
+                  flush=True)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -273,7 +284,7 @@ def print_report(results: list[dict], peaks: dict) -> None:
         print(line(r))
     print()
     print(f"peak measured here: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s "
-          f"(2048x2048 torch.mm, best of 5, {os.cpu_count()} cores)")
+          f"(2048x2048 torch.mm, best of 5, at the start and the end, the higher kept; {os.cpu_count()} cores)")
     print("train tok/s: logical tokens / training-loop time (dpolab: elapsed_s of its last metrics row; TRL: "
           "trainer.train() wall time, which excludes its reference precompute, done in DPOTrainer.__init__).")
     print("whole tok/s: logical tokens / whole child-process wall time (imports, data, reference pass, training, "
@@ -309,6 +320,12 @@ def _print_checks(wl: dict) -> None:
             print(f"[{name}] relative differences {json.dumps(rel)}: {'PASS' if chk['passed'] else 'FAIL'}")
 
 
+def measure_peaks() -> dict:
+    if WAIT_IDLE_S > 0:
+        C.wait_for_idle(WAIT_IDLE_S)
+    return {"bf16": C.measure_peak_gflops("bf16"), "fp32": C.measure_peak_gflops("fp32")}
+
+
 def _clean(value):
     """JSON has no NaN: write null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -326,10 +343,18 @@ def main(argv=None) -> int:
     trl_ok = importlib.util.find_spec("trl") is not None
     if not trl_ok and not args.skip_trl:
         print("note: trl is not importable (pip install 'dpolab[bench]'); running dpolab only", flush=True)
-    peaks = {"bf16": C.measure_peak_gflops("bf16"), "fp32": C.measure_peak_gflops("fp32")}
+    global WAIT_IDLE_S
+    WAIT_IDLE_S = args.wait_idle
+    peaks = measure_peaks()
     print(f"matmul peak: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s", flush=True)
     names = list(C.WORKLOADS) if args.workload == "all" else [args.workload]
     results = [run_workload(C.WORKLOADS[n], args, peaks, trl_ok) for n in names]
+    again = measure_peaks()  # best of the two: a busy machine only ever lowers it (MFU is then recomputed)
+    if again["bf16"] > peaks["bf16"] or again["fp32"] > peaks["fp32"]:
+        peaks.update(bf16=max(peaks["bf16"], again["bf16"]), fp32=max(peaks["fp32"], again["fp32"]))
+        for wl in results:
+            for res in wl["runs"].values():
+                add_rates(res, res["logical_tokens"], wl["params_non_embedding"], peaks)
     print_report(results, peaks)
     if args.json:
         import torch
