@@ -177,3 +177,25 @@ def test_models_without_custom_masks_fall_back_to_plain_rows(tmp_path, tiny_mode
     result, rows = train_rows(tmp_path, tiny_model_dir, data, max_steps=2)
     assert "training with plain padded rows" in capsys.readouterr().out
     assert result.steps == 2 and rows[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_other_architectures_match_the_plain_layout(arch):
+    """Learned absolute positions (GPT-2) and another RoPE family (Qwen2, with biases) take the masks too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = AutoConfig.for_model("gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    else:
+        cfg = AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert supports_custom_layout(model)
+    pairs = varied_pairs(seed=11)
+    with torch.no_grad():
+        expected = [naive_logps(model, p.prompt_ids, p.chosen_ids) for p in pairs]
+        expected += [naive_logps(model, p.prompt_ids, p.rejected_ids) for p in pairs]
+        for layout in (BOTH, LONG_ROWS):
+            got = logps_of(model, pairs, layout)
+            assert torch.allclose(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4)
