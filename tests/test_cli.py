@@ -308,11 +308,13 @@ SAMPLES = {
     "undesirable_weight": 0.75, "ref_sync_steps": 8, "ref_sync_alpha": 0.5,
     "allow_pickle": True, "resume": "runs/x/checkpoints/step-2", "resume_force": True, "save_total_limit": 2,
     "max_skipped_steps": 3, "strict": True, "prefix_sharing": False, "packing": False, "pack_length": 2048,
-    "gradient_checkpointing": True,
+    "gradient_checkpointing": True, "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05,
+    "lora_target_modules": "q_proj,v_proj", "merge_lora": True,
 }
 NEEDS = {"eval_steps": {"eval_data": "heldout.jsonl"},
          "early_stopping_patience": {"eval_data": "heldout.jsonl", "eval_steps": 4},
-         "loss_weights": {"loss": "ipo,sft"}, "ref_sync_steps": {"reference": "model"}}
+         "loss_weights": {"loss": "ipo,sft"}, "ref_sync_steps": {"reference": "model"},
+         **{name: {"lora_r": 16} for name in ("lora_alpha", "lora_dropout", "lora_target_modules")}}
 BASE = {"model": "org/model", "data": "prefs.jsonl", "output_dir": "runs/x"}
 
 

@@ -1,7 +1,7 @@
 """Checkpoints that hold everything needed to continue a run exactly, written atomically.
 
 A checkpoint folder ``checkpoints/step-N/`` holds the model and tokenizer (``save_pretrained``,
-safetensors, loadable on its own), ``trainer_state.pt`` (optimizer, loop counters, early-stopping
+safetensors, loadable on its own; for a LoRA run the adapter only), ``trainer_state.pt`` (optimizer, loop counters, early-stopping
 state, the metric window being averaged, RNG states) and ``run.json`` (the resolved config and a
 fingerprint of the data, so a resume with other settings is refused with the differences named).
 
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import lora
 from .errors import ConfigError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -33,7 +34,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 RESUME_FREE_FIELDS = frozenset({
     "output_dir", "resume", "resume_force", "save_total_limit", "save_steps", "progress", "report_to",
     "run_name", "logging_steps", "max_skipped_steps", "eval_batch_size", "device", "trust_remote_code",
-    "allow_pickle", "strict",
+    "allow_pickle", "strict", "merge_lora",
 })
 
 
@@ -97,7 +98,10 @@ def atomic_save(path: Path, write) -> Path:
 
 
 def save_pretrained(path: Path, model, tokenizer) -> Path:
-    """model + tokenizer (safetensors), loadable by ``AutoModelForCausalLM.from_pretrained``, atomically."""
+    """model + tokenizer (safetensors), loadable by ``AutoModelForCausalLM.from_pretrained``, atomically.
+
+    A LoRA (peft) model saves its adapter only: adapter_config.json + adapter_model.safetensors, which
+    peft loads onto the base model (``dpolab.lora``; ``--merge-lora`` also writes a plain merged model)."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -198,12 +202,15 @@ def load_checkpoint(path: Path, model, optimizer) -> TrainState:
     weights = {}
     for shard in sorted(path.glob("*.safetensors")):  # one file, or shards of a large model
         weights.update(load_file(str(shard), device="cpu"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {k for k in missing if "lm_head" in k or "embed" in k}  # tied weights are stored once
-    if set(missing) - tied or unexpected:
-        raise ConfigError("resume", f"checkpoint {path} does not match the model "
-                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})",
-                          "resume with the same --model")
+    if lora.is_lora(model):  # a LoRA run's checkpoint holds the adapter only (adapter_model.safetensors)
+        lora.load_adapter_weights(model, weights, path)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {k for k in missing if "lm_head" in k or "embed" in k}  # tied weights are stored once
+        if set(missing) - tied or unexpected:
+            raise ConfigError("resume", f"checkpoint {path} does not match the model "
+                              f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})",
+                              "resume with the same --model")
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     set_rng_state(blob["rng"])

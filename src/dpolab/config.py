@@ -125,6 +125,18 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: much less memory, about a third slower."""
 
+    # --- LoRA ----------------------------------------------------------------------------------
+    lora_r: Optional[int] = None
+    """Train a LoRA adapter of this rank (needs peft) instead of all weights; the reference is then the same model with the adapter off, not a second copy. Unset or 0: full fine-tuning. To continue training an adapter, pass its folder as --model."""
+    lora_alpha: Optional[float] = None
+    """LoRA scaling alpha: the adapter's update is multiplied by alpha / r (default: 2 x lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout in [0, 1) on the input of the LoRA adapters during training (0 keeps policy log-probs deterministic)."""
+    lora_target_modules: Optional[str] = None
+    """Comma list of module names to adapt (e.g. q_proj,v_proj); default: every linear layer of the model except the LM head."""
+    merge_lora: bool = False
+    """Also write final-merged/: the adapter merged into the base weights, a plain model that AutoModelForCausalLM loads without peft."""
+
     # --- monitoring and outputs ----------------------------------------------------------------
     logging_steps: int = 10
     """Write a metrics row every N optimizer steps (the first and last steps are always logged)."""
@@ -164,6 +176,7 @@ class TrainConfig:
         _coerce_types(self)
         _validate(self)
         _validate_objective(self)
+        _validate_lora(self)
 
     # --- helpers -------------------------------------------------------------------------------
     @property
@@ -282,6 +295,27 @@ def _validate_objective(c: TrainConfig) -> None:
     _check(c.ref_sync_steps is None or c.resume is None, "resume",
            "cannot restore a TR-DPO reference: checkpoints hold the policy, and the reference moved with it",
            "rerun without --resume, or train without --ref-sync-steps")
+
+
+def _validate_lora(c: TrainConfig) -> None:
+    """LoRA options: a rank >= 0, then options that only make sense with an adapter being trained.
+
+    ``merge_lora`` is checked when the model loads: an adapter folder given as --model also turns LoRA on.
+    """
+    _in(c, "lora_r", lambda v: v is None or v >= 0, ">= 0", "e.g. 16, or 0/unset for full fine-tuning")
+    _in(c, "lora_alpha", lambda v: v is None or (v > 0 and math.isfinite(v)), "> 0", "e.g. 2 x lora_r")
+    _in(c, "lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)", "0 (the default) or e.g. 0.05")
+    if c.lora_target_modules is not None:
+        names = [n.strip() for n in c.lora_target_modules.split(",")]
+        _check(all(names), "lora_target_modules", f"expected a comma list of module names, got "
+               f"'{c.lora_target_modules}'", "write e.g. q_proj,v_proj, or leave it unset for all linear layers")
+    for name, used in (("lora_alpha", c.lora_alpha is not None), ("lora_dropout", c.lora_dropout != 0),
+                       ("lora_target_modules", c.lora_target_modules is not None)):
+        _check(not used or bool(c.lora_r), name, "has no effect without --lora-r",
+               "add --lora-r N (e.g. 16), or drop it (an adapter given as --model keeps its own settings)")
+    _check(not (c.lora_r and c.ref_sync_steps is not None), "ref_sync_steps",
+           "TR-DPO moves a reference copy of the weights, but with LoRA the reference is the same model with the "
+           "adapter off", "drop --ref-sync-steps, or train without --lora-r")
 
 
 def _validate_weights(c: TrainConfig, names: list[str]) -> None:

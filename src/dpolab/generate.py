@@ -117,10 +117,12 @@ def sample_batch(model, prompt_ids: list[list[int]], *, max_new_tokens: int, eos
 
 def _cache_argument(model) -> str:
     """Name of the KV-cache argument (and output field): ``cache`` in recent transformers,
-    ``past_key_values`` before."""
+    ``past_key_values`` before. A peft (LoRA) model passes keywords through to the model it wraps."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from .lora import unwrap
+
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
 
 def completion_text(tokenizer, prompt_ids: list[int], completion_ids: list[int], eos_ids: set[int]) -> str:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from . import lora
+
 # Logits (tokens × vocabulary) per chunk: 16M fp32 logits = 64 MB, e.g. 2,048 tokens of a 8k vocabulary,
 # 110 tokens of a 152k one.
 LOGITS_PER_CHUNK = 1 << 24
@@ -29,8 +31,10 @@ def split_model(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[Tens
 
     Works for any transformers ``*ForCausalLM`` whose base model sits under ``base_model_prefix``
     and whose output embedding is the LM head; final-logit soft-capping (Gemma 2) and logit scaling
-    (Cohere) are applied as those models do.
+    (Cohere) are applied as those models do. A peft (LoRA) model is split as the transformers model it
+    wraps: its LoRA layers sit inside that model's modules, so its backbone runs them.
     """
+    model = lora.unwrap(model)
     prefix = getattr(model, "base_model_prefix", None)
     backbone = getattr(model, prefix, None) if prefix else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

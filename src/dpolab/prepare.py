@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora
 from .config import TrainConfig
 from .data.examples import TokenizedExample, tokenize_examples
 from .data.load import LoadedData, load_examples, load_pairs
@@ -38,8 +39,11 @@ def load_tokenizer(config: TrainConfig):
     if (Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1) and not Path(name).exists():
         raise ConfigError("model", f"folder not found: {name}", "check the path, or pass a hub name like org/model")
     _check_weights_format(config)
+    source = config.model  # an adapter folder without tokenizer files: the base model's tokenizer
+    if lora.adapter_folder(source) is not None and not lora.has_tokenizer(source):
+        source = lora.base_model_path(source)
     try:
-        tok = AutoTokenizer.from_pretrained(config.model, trust_remote_code=config.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError("model", f"cannot load a tokenizer from '{config.model}': {_first_line(e)}",
                           "pass a folder with tokenizer files or a hub model name") from None
@@ -49,14 +53,15 @@ def load_tokenizer(config: TrainConfig):
 
 
 def load_model(config: TrainConfig, rt: Runtime) -> torch.nn.Module:
-    """The policy, with fp32 master weights (bf16 compute comes from autocast) and dropout off."""
+    """The policy, with fp32 master weights (bf16 compute comes from autocast) and dropout off; with LoRA
+    (``--lora-r``, or an adapter folder as ``--model``) wrapped by peft (``dpolab.lora``)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if not config.progress:
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(lora.base_model_path(config.model), dtype=torch.float32,
                                                      trust_remote_code=config.trust_remote_code,
                                                      use_safetensors=None if config.allow_pickle else True)
     except (OSError, ValueError) as e:
@@ -72,12 +77,12 @@ def load_model(config: TrainConfig, rt: Runtime) -> torch.nn.Module:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(rt.device)
+    return lora.apply(model, config).to(rt.device)
 
 
 def _check_weights_format(config: TrainConfig) -> None:
     """Pickle checkpoints can run arbitrary code when loaded: refuse them unless --allow-pickle."""
-    folder = Path(config.model)
+    folder = Path(lora.base_model_path(config.model))  # an adapter folder: check its base model
     if not folder.is_dir():
         return
     if not (folder / "config.json").is_file():

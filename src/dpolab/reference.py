@@ -6,7 +6,8 @@ Two interchangeable strategies, both answering ``logps(batch, split) -> (chosen 
   pair once (no grad, length-sorted batches) and the results are cached on disk, keyed by a
   fingerprint of the model weights, the token ids and the precision, so a rerun skips the pass.
   Because the pass runs before any update, the reference can never be the trained policy.
-* ``ModelReference``: a frozen copy of the initial model that scores each batch as it comes. With
+* ``ModelReference``: a frozen copy of the initial model that scores each batch as it comes (with
+  LoRA no copy: the same model with its adapters disabled, see ``dpolab.lora``). With
   TR-DPO (``--ref-sync-steps``) it is not frozen but pulled towards the policy every τ steps
   (``sync_reference``).
 
@@ -16,6 +17,7 @@ rows, and the reference returns the log-probs of each half.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import lora
 from .data.batching import PairBatch, collate, row_length
 from .data.layout import Layout
 from .data.tokenize import TokenizedPair
@@ -139,16 +142,20 @@ class PrecomputedReference:
 
 
 class ModelReference:
-    """A frozen copy of the initial policy, scoring each batch under ``no_grad``."""
+    """A frozen copy of the initial policy, scoring each batch under ``no_grad``. For a LoRA policy no
+    copy: the policy itself with its (initially no-op) adapters disabled (``dpolab.lora.shared_reference``)."""
 
     def __init__(self, model: torch.nn.Module, rt: Runtime):
-        self.model = copy.deepcopy(model).eval()
-        self.model.requires_grad_(False)
+        if lora.is_lora(model):
+            self.model, self.scope = model, lora.shared_reference(model)
+        else:
+            self.model, self.scope = copy.deepcopy(model).eval(), contextlib.nullcontext
+            self.model.requires_grad_(False)
         self.rt = rt
 
     @torch.no_grad()
     def logps(self, batch: PairBatch, split: str) -> tuple[Tensor, Tensor]:
-        with self.rt.autocast():
+        with self.scope(), self.rt.autocast():
             chosen, rejected = pair_logps(self.model, batch)
         return chosen.float(), rejected.float()
 

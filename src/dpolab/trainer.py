@@ -19,6 +19,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import lora
 from .checkpoint import TrainState
 from .config import TrainConfig
 from .data.batching import PairBatch, collate, epoch_batches
@@ -88,6 +89,8 @@ def train(config: TrainConfig) -> TrainResult:
     out = prepare_output_dir(config, rt)
     for line in data.summary:
         say(line)
+    if lora.is_lora(model):
+        say(lora.describe(model))
     resolved = {**config.to_dict(), "precision": rt.precision}
     if rt.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
@@ -103,10 +106,11 @@ def train(config: TrainConfig) -> TrainResult:
             reference = ModelReference(model, rt)
         else:
             splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
-            reference = PrecomputedReference.build(
-                model, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
-                pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say, ld_alpha=config.ld_alpha,
-                layout=config.layout)
+            with lora.initial_reference(model):  # LoRA: a fresh adapter scores with adapters off (dpolab.lora)
+                reference = PrecomputedReference.build(
+                    model, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
+                    pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say,
+                    ld_alpha=config.ld_alpha, layout=config.layout)
     run = _Run(config, rt, model, tokenizer, data, reference, loss_fn, out, say, build_optimizer(model, config),
                info)
     if resume_from is not None:
@@ -176,6 +180,9 @@ class _Run:
             result.eval_metrics = self._evaluate(epoch)
         if rt.is_main:
             ckpt.save_pretrained(self.out / "final", self.model, self.tokenizer)
+            if config.merge_lora:  # merged in place: no second copy; result.model becomes the merged model
+                result.model = lora.save_merged(self.out / "final-merged", self.model, self.tokenizer)
+                self.say(f"merged LoRA model saved to {self.out / 'final-merged'}")
         self.logger.close()
         self.say(f"done: {state.step} steps in {self._elapsed():.1f}s; model saved to {self.out / 'final'}")
         return result
