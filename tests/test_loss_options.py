@@ -14,6 +14,7 @@ from dpolab.data.tokenize import TokenizedPair
 from dpolab.errors import ConfigError
 from dpolab.losses import LOSSES, LossMix, f_divergence_ratio, get_loss, preference_objective, wpo_weights
 from dpolab.reference import pair_logps
+from dpolab.runtime import Runtime
 from dpolab.steps import MetricSums
 
 BASE = dict(model="m", data="d.jsonl", output_dir="out")
@@ -187,15 +188,10 @@ def test_ld_dpo_logps_split_at_the_shorter_completion():
 # Metrics that cover only some items (KTO's per-class rewards)
 
 
-class _OneProcess:
-    def reduce_sum(self, x):
-        return x
-
-
 def test_metric_means_count_each_key_over_its_own_items():
     sums = MetricSums()
     sums.add({"loss": torch.tensor([1.0, 2.0, 3.0]), "rewards/chosen": torch.tensor([4.0])})
     sums.add({"loss": torch.tensor([5.0]), "rewards/chosen": torch.tensor([6.0]), "rewards/rejected": torch.zeros(0)})
-    means = sums.means(_OneProcess())
+    means = sums.means(Runtime(torch.device("cpu"), "fp32"))
     assert means["loss"] == pytest.approx(11 / 4) and means["rewards/chosen"] == pytest.approx(5.0)
     assert "rewards/rejected" not in means and sums.pairs == 4  # no values: no mean

@@ -83,9 +83,9 @@ class TrainConfig:
     learning_rate: float = 5e-6
     """Peak AdamW learning rate."""
     batch_size: int = 8
-    """Preference pairs per micro-batch (each pair is two sequences: chosen and rejected)."""
+    """Preference pairs per micro-batch per process (each pair is two sequences: chosen and rejected); under torchrun with N processes a step takes N x batch_size x grad_accum pairs."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step; the effective batch is batch_size x grad_accum pairs."""
+    """Micro-batches accumulated per optimizer step; the effective batch is batch_size x grad_accum (x processes) pairs."""
     epochs: float = 1.0
     """Passes over the training data (fractions allowed). Ignored when --max-steps is set."""
     max_steps: Optional[int] = None
@@ -111,7 +111,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 autocast where the CPU/GPU has fast bf16 units, else fp32. Master weights stay fp32."""
     device: str = "auto"
-    """Where to train: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+    """Where to train: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ... Under torchrun, cuda means cuda:LOCAL_RANK."""
     eval_batch_size: Optional[int] = None
     """Pairs per batch for evaluation and the reference pass (default: 2 x batch_size)."""
 

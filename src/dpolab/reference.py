@@ -42,9 +42,11 @@ CACHE_VERSION = "3"
 def pair_logps(model: torch.nn.Module, batch: PairBatch) -> tuple[Tensor, Tensor]:
     """(log π(chosen|prompt), log π(rejected|prompt)) for every pair of the batch, in one forward.
 
-    For KTO's ``ExampleBatch``: (log π(completion|prompt), log π(KL completion|prompt)).
+    For KTO's ``ExampleBatch``: (log π(completion|prompt), log π(KL completion|prompt)). ``model`` may
+    also be a ``dpolab.distributed.DataParallelPolicy``, whose ``score_batch`` runs the forward under DDP.
     """
-    logps = batch_logps(model, batch)
+    score = getattr(model, "score_batch", None)
+    logps = score(batch) if score is not None else batch_logps(model, batch)
     return logps[: batch.num_pairs], logps[batch.num_pairs:]
 
 
@@ -55,10 +57,12 @@ def score_pairs(model: torch.nn.Module, pairs: list[TokenizedPair], rt: Runtime,
     """Log-probs of every pair as a [max index + 1, 2] fp32 tensor (column 0 chosen, 1 rejected).
 
     Also takes KTO's ``TokenizedExample`` records (column 0 the completion, 1 the KL completion).
+    With several processes each scores every ``world_size``-th pair and all get the whole table.
     """
     table = torch.full((max((p.index for p in pairs), default=-1) + 1, 2), float("nan"))
-    # Longest first: similar lengths share a batch (little padding) and memory peaks at once.
-    order = sorted(pairs, key=row_length, reverse=True)
+    # Longest first: similar lengths share a batch (little padding) and memory peaks at once; dealt out
+    # in turn, so every process gets as many tokens to score as the others.
+    order = sorted(pairs, key=row_length, reverse=True)[rt.rank::rt.world_size]
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(order), desc=desc, unit="pair", disable=not (progress and rt.is_main))
@@ -71,7 +75,18 @@ def score_pairs(model: torch.nn.Module, pairs: list[TokenizedPair], rt: Runtime,
         bar.update(batch.num_pairs)
     bar.close()
     model.train(was_training)
-    return table
+    return gather_rows(table, rt)
+
+
+def gather_rows(table: Tensor, rt: Runtime) -> Tensor:
+    """Join the tables of all processes, each with its own rows filled and NaN elsewhere: a sum of the
+    filled values (x + 0 = x exactly) where some process filled the row, NaN where none did."""
+    if rt.world_size == 1:
+        return table
+    filled = ~torch.isnan(table)
+    total = rt.reduce_sum(torch.where(filled, table, torch.zeros_like(table)))
+    count = rt.reduce_sum(filled.to(torch.int32))
+    return torch.where(count > 0, total, torch.full_like(total, float("nan")))
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -119,7 +134,8 @@ class PrecomputedReference:
             + "|".join(f"{s}:{data_fingerprint(p)}" for s, p in sorted(splits.items())).encode()
         ).hexdigest()[:16]
         path = cache_dir / f"reference-{key}.pt" if cache_dir is not None else None
-        if path is not None and path.is_file():
+        # Processes decide together (nodes may not share a disk): reuse only if every one sees the cache.
+        if path is not None and not rt.any_process(not path.is_file()):
             say(f"reference log-probs: reusing cache {path}")
             return cls(torch.load(path, map_location="cpu", weights_only=True))
         started = time.perf_counter()

@@ -74,6 +74,18 @@ class Runtime:
             torch.distributed.all_reduce(tensor)
         return tensor
 
+    def any_process(self, flag: bool) -> bool:
+        """True when ``flag`` is true on at least one process (every process gets the same answer)."""
+        return float(self.reduce_sum(torch.tensor(float(bool(flag))))) > 0
+
+    def gather_objects(self, obj) -> list:
+        """``obj`` of every process, in rank order (``[obj]`` in a single process)."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            out = [None] * self.world_size
+            torch.distributed.all_gather_object(out, obj)
+            return out
+        return [obj]
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -72,8 +72,11 @@ class MetricSums:
 
     def means(self, rt: Runtime, prefix: str = "") -> dict[str, float]:
         keys = sorted(k for k in self.sums if not k.startswith(COUNT))
+        if rt.world_size > 1:  # a process that saw no item (a short eval split) has no keys: take them all
+            keys = sorted(set().union(*rt.gather_objects(keys)))
         counts = [self.sums.get(COUNT + k, self.pairs) for k in keys]
-        packed = rt.reduce_sum(torch.tensor([self.sums[k] for k in keys] + counts, dtype=torch.float64)).tolist()
+        values = [self.sums.get(k, 0.0) for k in keys]
+        packed = rt.reduce_sum(torch.tensor(values + counts, dtype=torch.float64)).tolist()
         totals, counts = packed[:len(keys)], packed[len(keys):]
         return {prefix + k: total / count for k, total, count in zip(keys, totals, counts) if count > 0}
 
@@ -120,9 +123,9 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def plan_steps(num_pairs: int, config: TrainConfig) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps)."""
-    batches = math.ceil(num_pairs / config.batch_size)
+def plan_steps(num_pairs: int, config: TrainConfig, world_size: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps); each step takes ``batch_size`` pairs per process."""
+    batches = math.ceil(num_pairs / (config.batch_size * world_size))
     per_epoch = math.ceil(batches / config.grad_accum)
     total = config.max_steps if config.max_steps is not None else max(1, math.ceil(config.epochs * per_epoch))
     return per_epoch, total

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import lora
+from . import distributed, lora
 from .checkpoint import TrainState
 from .config import TrainConfig
 from .data.batching import PairBatch, collate, epoch_batches
@@ -50,11 +51,14 @@ class TrainResult:
 
 
 def optimizer_steps(pairs: list[TokenizedPair], config: TrainConfig, rt: Runtime, pad_token_id: int,
-                    start: int = 0) -> Iterator[tuple[float, list[PairBatch]]]:
-    """Endless (epoch, micro-batches of one optimizer step) from step ``start`` on.
+                    start: int = 0) -> Iterator[tuple[float, list[tuple[PairBatch, bool]]]]:
+    """Endless (epoch, (micro-batch, counts) of one optimizer step) from step ``start`` on.
 
     The order depends only on (seed, epoch), so a resumed run sees exactly the batches the
-    uninterrupted run would have; each process takes its share of every batch.
+    uninterrupted run would have; each process takes its share of every batch. A process whose share
+    is empty (a last batch with fewer pairs than processes) gets the batch's first pair with
+    ``counts`` False: it must still run the forward and backward, since DDP all-reduces gradients
+    across all processes, but that pair adds nothing to its loss, gradient or metrics.
     """
     per_epoch = math.ceil(math.ceil(len(pairs) / (config.batch_size * rt.world_size)) / config.grad_accum)
     cached: tuple[int, list[list[int]]] = (-1, [])
@@ -65,16 +69,24 @@ def optimizer_steps(pairs: list[TokenizedPair], config: TrainConfig, rt: Runtime
             cached = (epoch, epoch_batches(len(pairs), config.batch_size * rt.world_size, seed=config.seed,
                                            epoch=epoch))
         group = cached[1][i * config.grad_accum:(i + 1) * config.grad_accum]
-        shards = [b[rt.rank::rt.world_size] for b in group]
-        micro = [collate([pairs[j] for j in s], pad_token_id, ld_alpha=config.ld_alpha, layout=config.layout)
-                 for s in shards if s]
+        shards = [(b[rt.rank::rt.world_size] or b[:1], len(b) > rt.rank) for b in group]
+        micro = [(collate([pairs[j] for j in s], pad_token_id, ld_alpha=config.ld_alpha, layout=config.layout),
+                  counts) for s, counts in shards]
         yield epoch + (i + 1) / per_epoch, micro
         step += 1
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train ``config.model`` on ``config.data`` with a preference loss; see ``TrainConfig`` for options."""
-    rt = Runtime.create(config.device, config.precision)
+    """Train ``config.model`` on ``config.data`` with a preference loss; see ``TrainConfig`` for options.
+
+    Under ``torchrun``/``accelerate launch`` every process runs this: see ``dpolab.distributed``."""
+    with distributed.runtime(config.device, config.precision) as rt:
+        return _train(config, rt)
+
+
+def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
+    if not rt.is_main:  # one progress bar (tokenization, loading, reference pass, steps): the main process's
+        config = dataclasses.replace(config, progress=False)
     say = print if rt.is_main else (lambda *a, **k: None)
     seed_everything(config.seed)
     check_tracker(config.report_to)
@@ -118,6 +130,7 @@ def train(config: TrainConfig) -> TrainResult:
         if rt.is_main:
             ckpt.truncate_metrics(out / "metrics.jsonl", run.state.step)
         say(f"resumed from {resume_from} at step {run.state.step}")
+    run.policy = distributed.wrap(model, rt)  # after the resume: DDP starts from the weights every process has
     return run.loop()
 
 
@@ -137,10 +150,12 @@ class _Run:
     optimizer: torch.optim.Optimizer
     info: dict
     state: TrainState = field(default_factory=TrainState)
+    policy: object = None
+    """What the training forward calls: the model, or under several processes its DDP wrapper."""
 
     def loop(self) -> TrainResult:
         config, rt, state = self.config, self.rt, self.state
-        per_epoch, total_steps = plan_steps(len(self.data.train), config)
+        per_epoch, total_steps = plan_steps(len(self.data.train), config, rt.world_size)
         warmup = math.floor(config.warmup_ratio * total_steps)
         self.logger = MetricsLogger(self.out, report_to=config.report_to, run_name=config.run_name,
                                     config=config.to_dict(), enabled=rt.is_main)
@@ -169,11 +184,13 @@ class _Run:
                 if self.data.eval and config.eval_steps and (state.step % config.eval_steps == 0 or last):
                     result.eval_metrics = self._evaluate(epoch)
                     result.stopped_early = self._early_stop(result.eval_metrics["eval_loss"])
-                interrupted = stop.requested is not None and not last  # at the last step: just finish
+                # every process stops at the same step, whichever of them got the signal
+                interrupted = rt.any_process(stop.requested is not None) and not last  # at the last step: finish
                 if (config.save_steps and state.step % config.save_steps == 0 and not last) or interrupted:
                     self._checkpoint(window)
                 if interrupted:
-                    raise TrainingStopped(self._interrupted_message(stop.requested), 128 + stop.requested)
+                    signum = stop.requested or signal.SIGTERM
+                    raise TrainingStopped(self._interrupted_message(signum), 128 + signum)
         bar.close()
         result.steps = state.step
         if self.data.eval and not config.eval_steps:
@@ -187,21 +204,24 @@ class _Run:
         self.say(f"done: {state.step} steps in {self._elapsed():.1f}s; model saved to {self.out / 'final'}")
         return result
 
-    def _optimizer_step(self, micro_batches: list[PairBatch], lr: float, window: MetricSums) -> float:
+    def _optimizer_step(self, micro_batches: list[tuple[PairBatch, bool]], lr: float, window: MetricSums) -> float:
         """Forward/backward over the micro-batches, clip, update; a non-finite step is skipped."""
         config, rt, state = self.config, self.rt, self.state
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # Each pair weighs the same whatever the micro-batch split: divide the summed per-pair losses by
         # the number of pairs in the whole optimizer step (on every process), not by micro-batch sizes.
-        step_pairs = float(rt.reduce_sum(torch.tensor(float(sum(b.num_pairs for b in micro_batches)))))
+        mine = sum(b.num_pairs for b, counts in micro_batches if counts)
+        step_pairs = float(rt.reduce_sum(torch.tensor(float(mine))))
         step_metrics = MetricSums()
-        for batch in micro_batches:
-            state.tokens += int(rt.reduce_sum(torch.tensor(batch.num_tokens)))
-            losses, metrics = pair_losses(self.model, batch.to(rt.device), self.reference, self.loss_fn, config,
-                                          rt, "train")
-            (losses.sum() * rt.world_size / step_pairs).backward()  # DDP averages grads over processes
-            step_metrics.add(metrics)
+        for k, (batch, counts) in enumerate(micro_batches):
+            state.tokens += int(rt.reduce_sum(torch.tensor(batch.num_tokens if counts else 0)))
+            with distributed.gradient_sync(self.policy, last=k == len(micro_batches) - 1):
+                losses, metrics = pair_losses(self.policy, batch.to(rt.device), self.reference, self.loss_fn,
+                                              config, rt, "train")
+                weight = rt.world_size / step_pairs if counts else 0.0
+                (losses.sum() * weight).backward()  # DDP averages grads over processes
+            step_metrics.add(metrics if counts else {key: v[:0] for key, v in metrics.items()})
         grad_norm = clip_gradients(self.model, config.max_grad_norm)
         finite = math.isfinite(grad_norm) and step_metrics.all_finite(rt)
         if finite:
