@@ -309,7 +309,7 @@ SAMPLES = {
     "allow_pickle": True, "resume": "runs/x/checkpoints/step-2", "resume_force": True, "save_total_limit": 2,
     "max_skipped_steps": 3, "strict": True, "prefix_sharing": False, "packing": False, "pack_length": 2048,
     "gradient_checkpointing": True, "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05,
-    "lora_target_modules": "q_proj,v_proj", "merge_lora": True,
+    "lora_target_modules": "q_proj,v_proj", "merge_lora": True, "num_proc": 2,
 }
 NEEDS = {"eval_steps": {"eval_data": "heldout.jsonl"},
          "early_stopping_patience": {"eval_data": "heldout.jsonl", "eval_steps": 4},

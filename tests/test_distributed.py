@@ -118,7 +118,8 @@ def test_torchrun_two_processes_train_as_one_with_twice_the_batch(torchrun_run, 
     listing = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert listing == sorted(p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file())
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
-    assert len(list((out / "cache").iterdir())) == 1
+    cached = sorted(p.name.split("-")[0] for p in (out / "cache").iterdir())
+    assert cached == ["reference", "tokenized"]  # one reference cache and one tokenized-pairs cache
     assert proc.stdout.count("done: 5 steps") == 1  # only the main process talks
     assert proc.stdout.count("training: 33 pairs, 5 steps per epoch") == 1
 

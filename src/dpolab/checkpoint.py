@@ -34,7 +34,7 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 RESUME_FREE_FIELDS = frozenset({
     "output_dir", "resume", "resume_force", "save_total_limit", "save_steps", "progress", "report_to",
     "run_name", "logging_steps", "max_skipped_steps", "eval_batch_size", "device", "trust_remote_code",
-    "allow_pickle", "strict", "merge_lora",
+    "allow_pickle", "strict", "merge_lora", "num_proc",
 })
 
 

@@ -11,6 +11,7 @@ import torch
 
 from . import lora
 from .config import TrainConfig
+from .data import cache as token_cache
 from .data.examples import TokenizedExample, tokenize_examples
 from .data.load import LoadedData, load_examples, load_pairs
 from .data.records import PreferencePair
@@ -30,6 +31,8 @@ class PreparedData:
     eval: list[TokenizedPair] = field(default_factory=list)
     summary: list[str] = field(default_factory=list)
     """Human-readable lines: rows read, kept, dropped per reason, truncations."""
+    cache_to: Path | None = None
+    """Where ``save_token_cache`` writes these pairs (None: nothing to write, e.g. they came from the cache)."""
 
 
 def load_tokenizer(config: TrainConfig):
@@ -142,7 +145,7 @@ def _load_line(name: str, loaded: LoadedData) -> str:
 def _tokenize(name: str, source: str, pairs: list[PreferencePair], tokenizer,
               config: TrainConfig) -> tuple[list[TokenizedPair], list[str]]:
     tokenized, stats = tokenize_pairs(pairs, tokenizer, max_length=config.max_length,
-                                      max_prompt_length=config.max_prompt_length,
+                                      max_prompt_length=config.max_prompt_length, num_proc=config.num_proc,
                                       show_progress=config.progress and len(pairs) >= PROGRESS_MIN_PAIRS)
     _check_strict_tokens(config, source, stats, pairs)
     if not tokenized:
@@ -184,13 +187,36 @@ def _load_sources(config: TrainConfig, load, line):
     return loaded, eval_loaded, summary
 
 
-def prepare_data(config: TrainConfig, tokenizer) -> PreparedData:
+def prepare_data(config: TrainConfig, tokenizer, cache_dir: Path | None = None) -> PreparedData:
     """Load, normalise, split and tokenize the training (and eval) data; raises DataError on bad input.
 
     Losses that train on unpaired examples (kto) get ``TokenizedExample`` records instead of pairs.
+    With ``cache_dir``, tokenized pairs are saved there and a later call with the same data, tokenizer and
+    settings reads them back instead of loading and tokenizing again (``dpolab.data.cache``).
     """
     if getattr(get_loss(config.loss), "unpaired", False):
         return prepare_examples(config, tokenizer)
+    if cache_dir is None:
+        return _prepare_pairs(config, tokenizer)
+    path = token_cache.cache_path(cache_dir, token_cache.cache_key(config, tokenizer))
+    cached = token_cache.load(path)
+    if cached is not None:
+        splits, summary = cached
+        return PreparedData(train=splits["train"], eval=splits.get("eval", []),
+                            summary=summary + [f"tokenized pairs: reusing cache {path}"])
+    result = _prepare_pairs(config, tokenizer)
+    result.cache_to = path  # written by save_token_cache once the output folder exists
+    return result
+
+
+def save_token_cache(data: PreparedData) -> None:
+    """Write the tokenized pairs that ``prepare_data`` was asked to cache (once; the main process only)."""
+    if data.cache_to is not None:
+        token_cache.save(data.cache_to, {"train": data.train, "eval": data.eval}, data.summary)
+        data.cache_to = None
+
+
+def _prepare_pairs(config: TrainConfig, tokenizer) -> PreparedData:
     loaded, eval_loaded, summary = _load_sources(config, load_pairs, _load_line)
     train_pairs, eval_pairs = loaded.pairs, []
     if eval_loaded is not None:

@@ -29,7 +29,7 @@ from .errors import TrainingStopped
 from .logprobs import supports_custom_layout
 from .losses import get_loss
 from .prepare import (PreparedData, check_output_dir, check_tracker, load_model, load_tokenizer, prepare_data,
-                      prepare_output_dir)
+                      prepare_output_dir, save_token_cache)
 from .reference import ModelReference, PrecomputedReference, data_fingerprint, sync_reference
 from .runtime import GracefulStop, Runtime, seed_everything
 from .steps import (MetricSums, build_optimizer, clip_gradients, evaluate, lr_factor, pair_losses,
@@ -92,13 +92,15 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
     check_tracker(config.report_to)
     check_output_dir(config)
     tokenizer = load_tokenizer(config)
-    data = prepare_data(config, tokenizer)  # raises on bad input before anything is written
+    data = prepare_data(config, tokenizer, cache_dir=Path(config.output_dir) / "cache")  # raises on bad input
     model = load_model(config, rt)
     if (config.prefix_sharing or config.packing) and not supports_custom_layout(model):
         say(f"note: {type(model).__name__} with attention '{model.config._attn_implementation}' does not take "
             "the masks of prefix sharing and packing; training with plain padded rows")
         config = dataclasses.replace(config, prefix_sharing=False, packing=False)
     out = prepare_output_dir(config, rt)
+    if rt.is_main:  # nothing is written before the data and the model load
+        save_token_cache(data)
     for line in data.summary:
         say(line)
     if lora.is_lora(model):

@@ -59,6 +59,8 @@ from dpolab.errors import ConfigError, DataError
 
 _CHUNK = 1024
 """Pairs per batched tokenizer call: bounds memory, large enough to amortize per-call overhead."""
+PARALLEL_MIN_PAIRS = 4096
+"""Fewer pairs are tokenized in-process whatever ``num_proc`` says: starting workers would cost more."""
 
 
 @dataclass(frozen=True)
@@ -111,14 +113,19 @@ class _Specials:
 def tokenize_pairs(pairs: list[PreferencePair], tokenizer, *, max_length: int,
                    max_prompt_length: int,
                    show_progress: bool = False,
-                   keep_identical: bool = False) -> tuple[list[TokenizedPair], TokenizeStats]:
+                   keep_identical: bool = False,
+                   num_proc: int = 1) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize ``pairs`` following the module rules; returns the kept pairs and the stats.
 
     ``max_length`` bounds prompt + one completion; ``max_prompt_length`` bounds the prompt alone.
     ``keep_identical`` keeps pairs whose two completions are equal (KTO tokenizes an example and its
-    KL completion as a pair, and those may coincide).
+    KL completion as a pair, and those may coincide). ``num_proc > 1`` tokenizes contiguous slices in
+    that many worker processes; the result is the same as with one.
     """
     _check_lengths(max_length, max_prompt_length)
+    if num_proc > 1 and len(pairs) >= PARALLEL_MIN_PAIRS:
+        return _tokenize_parallel(pairs, tokenizer, num_proc, max_length=max_length,
+                                  max_prompt_length=max_prompt_length, keep_identical=keep_identical)
     specials = _specials(tokenizer)
     stats = TokenizeStats()
     kept: list[TokenizedPair] = []
@@ -132,6 +139,39 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, *, max_length: int,
                 if item is not None:
                     kept.append(item)
             bar.update(len(chunk))
+    stats.kept = len(kept)
+    return kept, stats
+
+
+def _tokenize_slice(args) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Worker: one slice of the pairs, indices relative to the slice."""
+    pairs, tokenizer, kwargs = args
+    return tokenize_pairs(pairs, tokenizer, **kwargs)
+
+
+def _tokenize_parallel(pairs: list[PreferencePair], tokenizer, num_proc: int,
+                       **kwargs) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """``tokenize_pairs`` over ``num_proc`` contiguous slices in spawned processes, merged in order."""
+    import multiprocessing
+
+    size = -(-len(pairs) // num_proc)
+    starts = list(range(0, len(pairs), size))
+    jobs = [(pairs[s:s + size], tokenizer, kwargs) for s in starts]
+    with multiprocessing.get_context("spawn").Pool(min(num_proc, len(jobs))) as pool:
+        results = pool.map(_tokenize_slice, jobs)
+    kept: list[TokenizedPair] = []
+    stats = TokenizeStats()
+    for start, (part, part_stats) in zip(starts, results):
+        kept += [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.index + start) for p in part]
+        for reason, n in part_stats.dropped.items():
+            stats.dropped[reason] = stats.dropped.get(reason, 0) + n
+        for reason, index in part_stats.first_dropped.items():
+            stats.first_dropped.setdefault(reason, index + start)  # slices come in order: the first wins
+        if stats.first_prompt_truncated is None and part_stats.first_prompt_truncated is not None:
+            stats.first_prompt_truncated = part_stats.first_prompt_truncated + start
+        stats.prompt_truncated += part_stats.prompt_truncated
+        stats.completion_truncated += part_stats.completion_truncated
+        stats.boundary_fallbacks += part_stats.boundary_fallbacks
     stats.kept = len(kept)
     return kept, stats
 
