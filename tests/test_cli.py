@@ -308,7 +308,7 @@ SAMPLES = {
     "undesirable_weight": 0.75, "ref_sync_steps": 8, "ref_sync_alpha": 0.5,
     "allow_pickle": True, "resume": "runs/x/checkpoints/step-2", "resume_force": True, "save_total_limit": 2,
     "max_skipped_steps": 3, "strict": True, "prefix_sharing": False, "packing": False, "pack_length": 2048,
-    "gradient_checkpointing": True, "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05,
+    "gradient_checkpointing": True, "fsdp": True, "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05,
     "lora_target_modules": "q_proj,v_proj", "merge_lora": True, "num_proc": 2,
 }
 NEEDS = {"eval_steps": {"eval_data": "heldout.jsonl"},

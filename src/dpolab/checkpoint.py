@@ -97,27 +97,35 @@ def atomic_save(path: Path, write) -> Path:
     return path
 
 
-def save_pretrained(path: Path, model, tokenizer) -> Path:
+def save_pretrained(path: Path, model, tokenizer, state_dict: dict | None = None) -> Path:
     """model + tokenizer (safetensors), loadable by ``AutoModelForCausalLM.from_pretrained``, atomically.
 
     A LoRA (peft) model saves its adapter only: adapter_config.json + adapter_model.safetensors, which
-    peft loads onto the base model (``dpolab.lora``; ``--merge-lora`` also writes a plain merged model)."""
+    peft loads onto the base model (``dpolab.lora``; ``--merge-lora`` also writes a plain merged model).
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's gathered weights)."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **_weights(state_dict))
         tokenizer.save_pretrained(tmp)
 
     return atomic_save(path, write)
 
 
+def _weights(state_dict: dict | None) -> dict:
+    return {} if state_dict is None else {"state_dict": state_dict}
+
+
 def save_checkpoint(out: Path, model, tokenizer, optimizer, state: TrainState, run_info: dict,
-                    keep: int | None = None) -> Path:
-    """Write ``out/checkpoints/step-N`` atomically; then keep only the newest ``keep`` checkpoints."""
+                    keep: int | None = None, state_dict: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write ``out/checkpoints/step-N`` atomically; then keep only the newest ``keep`` checkpoints.
+    ``state_dict``/``optimizer_state``: what to write instead of the model's and optimizer's own."""
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **_weights(state_dict))
         tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "state": asdict(state), "rng": rng_state()},
+        torch.save({"optimizer": optimizer_state, "state": asdict(state), "rng": rng_state()},
                    tmp / "trainer_state.pt")
         (tmp / "run.json").write_text(json.dumps(run_info, indent=1, sort_keys=True))
 

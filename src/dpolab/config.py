@@ -126,6 +126,8 @@ class TrainConfig:
     """Longest packed row in tokens (default: the longest pair of the batch, so attention costs no more than without packing)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: much less memory, about a third slower."""
+    fsdp: bool = False
+    """Under torchrun, shard weights, gradients and optimizer state across processes with PyTorch FSDP2 instead of replicating them (DDP)."""
 
     # --- LoRA ----------------------------------------------------------------------------------
     lora_r: Optional[int] = None
@@ -179,6 +181,7 @@ class TrainConfig:
         _validate(self)
         _validate_objective(self)
         _validate_lora(self)
+        _validate_fsdp(self)
 
     # --- helpers -------------------------------------------------------------------------------
     @property
@@ -318,6 +321,18 @@ def _validate_lora(c: TrainConfig) -> None:
     _check(not (c.lora_r and c.ref_sync_steps is not None), "ref_sync_steps",
            "TR-DPO moves a reference copy of the weights, but with LoRA the reference is the same model with the "
            "adapter off", "drop --ref-sync-steps, or train without --lora-r")
+
+
+def _validate_fsdp(c: TrainConfig) -> None:
+    """--fsdp: what sharded training does not do (yet)."""
+    if not c.fsdp:
+        return
+    _check(c.reference != "model", "reference", "--fsdp shards the policy, but --reference model would keep a "
+           "whole unsharded copy on every process", "use --reference precompute (the default) with --fsdp")
+    _check(not c.lora_r, "lora_r", "LoRA adapters are not sharded with --fsdp", "drop --fsdp (LoRA already saves "
+           "most memory), or train without --lora-r")
+    _check(c.resume is None, "resume", "resuming a --fsdp run is not supported yet (checkpoints hold the full "
+           "weights, not the sharded optimizer state)", "rerun without --resume")
 
 
 def _validate_weights(c: TrainConfig, names: list[str]) -> None:

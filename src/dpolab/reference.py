@@ -21,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Iterable
@@ -63,13 +64,19 @@ def score_pairs(model: torch.nn.Module, pairs: list[TokenizedPair], rt: Runtime,
     # Longest first: similar lengths share a batch (little padding) and memory peaks at once; dealt out
     # in turn, so every process gets as many tokens to score as the others.
     order = sorted(pairs, key=row_length, reverse=True)[rt.rank::rt.world_size]
+    starts = range(0, len(order), batch_size)
+    if getattr(model, "lockstep", False):  # FSDP: all run each forward; process 0's share is the longest
+        starts = range(0, math.ceil(len(pairs) / rt.world_size), batch_size)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(order), desc=desc, unit="pair", disable=not (progress and rt.is_main))
-    for start in range(0, len(order), batch_size):
-        batch = collate(order[start:start + batch_size], pad_token_id, ld_alpha=ld_alpha, layout=layout).to(rt.device)
+    for start in starts:
+        part = order[start:start + batch_size]  # empty: a share ran out, score a pair that is not kept
+        batch = collate(part or pairs[:1], pad_token_id, ld_alpha=ld_alpha, layout=layout).to(rt.device)
         with rt.autocast():
             chosen, rejected = pair_logps(model, batch)
+        if not part:
+            continue
         table[batch.index.cpu(), 0] = chosen.float().cpu()
         table[batch.index.cpu(), 1] = rejected.float().cpu()
         bar.update(batch.num_pairs)
@@ -91,6 +98,8 @@ def gather_rows(table: Tensor, rt: Runtime) -> Tensor:
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A cheap hash of the weights: names, shapes, dtypes and float64 sums of every parameter."""
+    if getattr(model, "weights_fingerprint", None):  # a sharded policy: taken before sharding
+        return model.weights_fingerprint
     h = hashlib.sha256()
     for name, p in model.state_dict().items():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{float(p.detach().sum(dtype=torch.float64)):.10e};".encode())

@@ -10,6 +10,7 @@ import math
 from collections import defaultdict
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from .config import TrainConfig
 from .data.batching import PairBatch, collate
@@ -89,11 +90,15 @@ def evaluate(model: torch.nn.Module, pairs: list[TokenizedPair], reference, loss
     model.eval()
     sums = MetricSums()
     size = config.effective_eval_batch_size
-    for start in range(rt.rank * size, len(pairs), size * rt.world_size):  # each process takes its share
-        batch = collate(pairs[start:start + size], pad_token_id, ld_alpha=config.ld_alpha, layout=config.layout)
-        batch = batch.to(rt.device)
-        _, metrics = pair_losses(model, batch, reference, loss_fn, config, rt, "eval")
-        sums.add(metrics)
+    starts = range(rt.rank * size, len(pairs), size * rt.world_size)  # each process takes its share
+    if getattr(model, "lockstep", False):  # FSDP: every process runs each forward, counted or not
+        starts = range(rt.rank * size, math.ceil(len(pairs) / size) * size + rt.rank * size, size * rt.world_size)
+    for start in starts:
+        part = pairs[start:start + size]
+        batch = collate(part or pairs[:1], pad_token_id, ld_alpha=config.ld_alpha, layout=config.layout)
+        _, metrics = pair_losses(model, batch.to(rt.device), reference, loss_fn, config, rt, "eval")
+        if part:
+            sums.add(metrics)
     model.train(was_training)
     return sums.means(rt, prefix="eval_")
 
@@ -106,6 +111,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     try:  # the fused kernel (one pass over each tensor) is ~3x faster than foreach on CPU
+        if any(isinstance(p, DTensor) for p in params):  # FSDP2 shards (DTensors): foreach, not fused
+            raise ValueError("fused AdamW is not used on DTensor shards")
         return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
     except (RuntimeError, ValueError):  # devices/dtypes without a fused kernel
         return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, foreach=True)

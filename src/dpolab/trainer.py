@@ -114,6 +114,7 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
         for diff in ckpt.check_resumable(ckpt.read_run_info(resume_from), info, config.resume_force):
             say(f"resume: differs from the checkpoint (--resume-force): {diff}")
     loss_fn = get_loss(config.loss)
+    sharded = _shard(model, config, rt, say)  # --fsdp: before the reference pass, which scores with the shards
     reference = None
     if not getattr(loss_fn, "reference_free", False):  # built from the initial weights, before any resume
         if config.reference == "model":
@@ -122,7 +123,7 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
             splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
             with lora.initial_reference(model):  # LoRA: a fresh adapter scores with adapters off (dpolab.lora)
                 reference = PrecomputedReference.build(
-                    model, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
+                    sharded or model, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
                     pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say,
                     ld_alpha=config.ld_alpha, layout=config.layout)
     run = _Run(config, rt, model, tokenizer, data, reference, loss_fn, out, say, build_optimizer(model, config),
@@ -132,8 +133,20 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
         if rt.is_main:
             ckpt.truncate_metrics(out / "metrics.jsonl", run.state.step)
         say(f"resumed from {resume_from} at step {run.state.step}")
-    run.policy = distributed.wrap(model, rt)  # after the resume: DDP starts from the weights every process has
+    run.policy = sharded or distributed.wrap(model, rt)  # after the resume: DDP starts from the same weights
     return run.loop()
+
+
+def _shard(model: torch.nn.Module, config: TrainConfig, rt: Runtime, say):
+    """--fsdp under a launcher: the policy sharded with FSDP2 (``dpolab.sharding``); else None."""
+    if not config.fsdp:
+        return None
+    if rt.world_size == 1:
+        say("note: --fsdp in a single process: nothing to shard, training the whole model")
+        return None
+    from .sharding import shard
+
+    return shard(model, rt)
 
 
 @dataclass
@@ -197,8 +210,9 @@ class _Run:
         result.steps = state.step
         if self.data.eval and not config.eval_steps:
             result.eval_metrics = self._evaluate(epoch)
+        weights = self._full_weights()  # every process joins the gathering under --fsdp
         if rt.is_main:
-            ckpt.save_pretrained(self.out / "final", self.model, self.tokenizer)
+            ckpt.save_pretrained(self.out / "final", self.model, self.tokenizer, state_dict=weights)
             if config.merge_lora:  # merged in place: no second copy; result.model becomes the merged model
                 result.model = lora.save_merged(self.out / "final-merged", self.model, self.tokenizer)
                 self.say(f"merged LoRA model saved to {self.out / 'final-merged'}")
@@ -257,7 +271,7 @@ class _Run:
         return row
 
     def _evaluate(self, epoch: float) -> dict:
-        metrics = evaluate(self.model, self.data.eval, self.reference, self.loss_fn, self.config, self.rt,
+        metrics = evaluate(self._scorer(), self.data.eval, self.reference, self.loss_fn, self.config, self.rt,
                            self.tokenizer.pad_token_id)
         self.logger.log({"step": self.state.step, "epoch": round(epoch, 4), **metrics})
         return metrics
@@ -277,9 +291,20 @@ class _Run:
     def _checkpoint(self, window: MetricSums) -> None:
         self.state.elapsed_s = self._elapsed()
         self.state.window_sums, self.state.window_pairs = dict(window.sums), window.pairs
+        weights = self._full_weights()
+        optimizer_state = {} if weights is not None else None  # --fsdp: no resume, so no (sharded) Adam state
         if self.rt.is_main:
             ckpt.save_checkpoint(self.out, self.model, self.tokenizer, self.optimizer, self.state, self.info,
-                                 keep=self.config.save_total_limit)
+                                 keep=self.config.save_total_limit, state_dict=weights,
+                                 optimizer_state=optimizer_state)
+
+    def _scorer(self):
+        """What evaluation scores with: the sharded policy under --fsdp, else the model itself."""
+        return self.policy if getattr(self.policy, "lockstep", False) else self.model
+
+    def _full_weights(self) -> dict | None:
+        """Under --fsdp the whole weights gathered from the shards (a collective), else None (the model's own)."""
+        return self.policy.full_state_dict() if getattr(self.policy, "lockstep", False) else None
 
     def _interrupted_message(self, signum: int) -> str:
         return (f"interrupted at step {self.state.step}; checkpoint saved to {self.out / 'checkpoints'}. "
