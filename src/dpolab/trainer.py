@@ -8,6 +8,7 @@ sinks) is prepared before the loop and called from it.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import signal
 import time
@@ -81,7 +82,13 @@ def train(config: TrainConfig) -> TrainResult:
 
     Under ``torchrun``/``accelerate launch`` every process runs this: see ``dpolab.distributed``."""
     with distributed.runtime(config.device, config.precision) as rt:
-        return _train(config, rt)
+        result = _train(config, rt)
+        if config.fsdp and rt.world_size > 1:
+            # The shards hold the process group: free them while it exists, not at interpreter exit
+            # (where gloo's threads can abort the process). The trained weights are in final/.
+            result.model = None
+            gc.collect()
+    return result
 
 
 def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
