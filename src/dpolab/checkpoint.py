@@ -51,6 +51,8 @@ class TrainState:
     skipped_in_a_row: int = 0
     window_sums: dict[str, float] = field(default_factory=dict)
     window_pairs: int = 0
+    beta_scale: float = 1.0
+    """The adaptive multiplier of β (``--target-kl``, ``dpolab.control``)."""
 
 
 def rng_state() -> dict[str, Any]:

@@ -79,6 +79,26 @@ class TrainConfig:
     ref_sync_alpha: float = 0.6
     """TR-DPO: the update ref = alpha x policy + (1 - alpha) x ref, alpha in (0, 1] (1 copies the policy)."""
 
+    # --- β schedule and KL control (dpolab.control) --------------------------------------------
+    beta_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """How beta moves over training: constant, or linear / cosine from --beta-start at the first step to --beta-end at the last."""
+    beta_start: Optional[float] = None
+    """Beta at the first step (> 0; default: --beta)."""
+    beta_end: Optional[float] = None
+    """Beta at the last step with --beta-schedule linear or cosine (> 0; default: --beta)."""
+    kl_eval_steps: Optional[int] = None
+    """Every N optimizer steps, estimate the KL divergence of the policy from the reference by sampling on held-out prompts (eval pairs, else training pairs) and log kl, kl_stderr. With the precomputed reference this keeps a copy of the initial weights on the CPU."""
+    kl_prompts: int = 64
+    """Prompts (distinct, the first ones) sampled once each per KL estimate."""
+    kl_max_new_tokens: int = 64
+    """Longest sampled completion in tokens for the KL estimate (temperature 1, no top-p)."""
+    target_kl: Optional[float] = None
+    """Adaptive beta: after each KL estimate multiply beta by exp(kl_adapt_rate x clip(kl / target_kl - 1, -0.2, 0.2)), raising it when KL overshoots the target (needs --kl-eval-steps)."""
+    kl_adapt_rate: float = 1.0
+    """--target-kl: the rate eta of the adaptive beta update (> 0); beta moves by at most a factor exp(0.2 eta) per estimate."""
+    max_kl: Optional[float] = None
+    """Stop training (saving final/ as usual) when a KL estimate exceeds this many nats (needs --kl-eval-steps)."""
+
     # --- optimisation --------------------------------------------------------------------------
     learning_rate: float = 5e-6
     """Peak AdamW learning rate."""
@@ -174,6 +194,8 @@ class TrainConfig:
     """Refuse data with rows that would be dropped (identical pairs) or altered (prompts longer than max_prompt_length) instead of dropping/truncating and counting them."""
 
     def __post_init__(self) -> None:
+        from .control import validate as _validate_control  # late import, as for the losses
+
         for name in ("loss", "loss_weights"):  # YAML lists, e.g. loss: [sigmoid, sft], read as a comma list
             if isinstance(getattr(self, name), (list, tuple)):
                 setattr(self, name, ",".join(str(v) for v in getattr(self, name)))
@@ -182,6 +204,7 @@ class TrainConfig:
         _validate_objective(self)
         _validate_lora(self)
         _validate_fsdp(self)
+        _validate_control(self)  # β schedule and KL control: dpolab.control.validate
 
     # --- helpers -------------------------------------------------------------------------------
     @property

@@ -21,8 +21,10 @@ from .runtime import Runtime
 
 
 def pair_losses(model: torch.nn.Module, batch: PairBatch, reference, loss_fn: LossFn, config: TrainConfig,
-                rt: Runtime, split: str) -> tuple[Tensor, dict[str, Tensor]]:
+                rt: Runtime, split: str, beta: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair losses [B] (fp32, differentiable) and per-pair metrics for one batch on ``rt.device``.
+
+    ``beta``: the β of this step (``dpolab.control``: scheduled / adaptive); None takes ``config.beta``.
 
     One forward of the policy over both halves of the batch (chosen and rejected rows), one lookup of
     the reference (none for reference-free losses); the loss's objective turns the log-probs into
@@ -32,7 +34,8 @@ def pair_losses(model: torch.nn.Module, batch: PairBatch, reference, loss_fn: Lo
         policy = pair_logps(model, batch)
     ref = reference.logps(batch, split) if reference is not None else (None, None)
     objective = getattr(loss_fn, "objective", None) or preference_objective
-    return objective(loss_fn, policy, ref, batch, beta=config.beta, **config.loss_hyperparameters())
+    beta = config.beta if beta is None else beta
+    return objective(loss_fn, policy, ref, batch, beta=beta, **config.loss_hyperparameters())
 
 
 COUNT = "count:"
@@ -84,8 +87,9 @@ class MetricSums:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, pairs: list[TokenizedPair], reference, loss_fn: LossFn, config: TrainConfig,
-             rt: Runtime, pad_token_id: int) -> dict[str, float]:
-    """Mean loss and preference metrics over held-out pairs, keys prefixed ``eval_``."""
+             rt: Runtime, pad_token_id: int, beta: float | None = None) -> dict[str, float]:
+    """Mean loss and preference metrics over held-out pairs, keys prefixed ``eval_`` (at ``beta``, as
+    ``pair_losses``)."""
     was_training = model.training
     model.eval()
     sums = MetricSums()
@@ -96,7 +100,7 @@ def evaluate(model: torch.nn.Module, pairs: list[TokenizedPair], reference, loss
     for start in starts:
         part = pairs[start:start + size]
         batch = collate(part or pairs[:1], pad_token_id, ld_alpha=config.ld_alpha, layout=config.layout)
-        _, metrics = pair_losses(model, batch.to(rt.device), reference, loss_fn, config, rt, "eval")
+        _, metrics = pair_losses(model, batch.to(rt.device), reference, loss_fn, config, rt, "eval", beta)
         if part:
             sums.add(metrics)
     model.train(was_training)

@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from . import distributed, lora
 from .checkpoint import TrainState
 from .config import TrainConfig
+from .control import BetaControl, KLMonitor, kl_prompt_ids
 from .data.batching import PairBatch, collate, epoch_batches
 from .data.tokenize import TokenizedPair
 from .errors import TrainingStopped
@@ -135,6 +136,8 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
                     ld_alpha=config.ld_alpha, layout=config.layout)
     run = _Run(config, rt, model, tokenizer, data, reference, loss_fn, out, say, build_optimizer(model, config),
                info)
+    if config.kl_eval_steps:  # from the initial weights, before the resume (dpolab.control)
+        run.kl_monitor = KLMonitor(model, reference, kl_prompt_ids(data, config.kl_prompts), tokenizer, config, rt)
     if resume_from is not None:
         run.state = ckpt.load_checkpoint(resume_from, model, run.optimizer)
         if rt.is_main:
@@ -174,6 +177,10 @@ class _Run:
     state: TrainState = field(default_factory=TrainState)
     policy: object = None
     """What the training forward calls: the model, or under several processes its DDP wrapper."""
+    kl_monitor: KLMonitor | None = None
+    """--kl-eval-steps: samples KL(π‖π_ref); built from the initial weights, before any resume."""
+    beta: float | None = None
+    """The β of the current step (``dpolab.control``); None before the first: ``config.beta``."""
 
     def loop(self) -> TrainResult:
         config, rt, state = self.config, self.rt, self.state
@@ -188,6 +195,7 @@ class _Run:
         self.started, self.elapsed_before = time.perf_counter(), state.elapsed_s
         bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step",
                    disable=not (config.progress and rt.is_main))
+        self.control = BetaControl(config, total_steps, scale=state.beta_scale)
         self.model.train()
         epoch = state.step / per_epoch
         steps = optimizer_steps(self.data.train, config, rt, self.tokenizer.pad_token_id, start=state.step)
@@ -196,6 +204,7 @@ class _Run:
                 if state.step >= total_steps or result.stopped_early:
                     break
                 lr = config.learning_rate * lr_factor(state.step, total_steps, warmup, config.lr_scheduler)
+                self.beta = self.control.beta(state.step)
                 grad_norm = self._optimizer_step(micro_batches, lr, window)
                 state.step += 1
                 last = state.step == total_steps
@@ -206,6 +215,8 @@ class _Run:
                 if self.data.eval and config.eval_steps and (state.step % config.eval_steps == 0 or last):
                     result.eval_metrics = self._evaluate(epoch)
                     result.stopped_early = self._early_stop(result.eval_metrics["eval_loss"])
+                if self.control.due(state.step):
+                    result.stopped_early = self._kl_control(epoch) or result.stopped_early
                 # every process stops at the same step, whichever of them got the signal
                 interrupted = rt.any_process(stop.requested is not None) and not last  # at the last step: finish
                 if (config.save_steps and state.step % config.save_steps == 0 and not last) or interrupted:
@@ -241,7 +252,7 @@ class _Run:
             state.tokens += int(rt.reduce_sum(torch.tensor(batch.num_tokens if counts else 0)))
             with distributed.gradient_sync(self.policy, last=k == len(micro_batches) - 1):
                 losses, metrics = pair_losses(self.policy, batch.to(rt.device), self.reference, self.loss_fn,
-                                              config, rt, "train")
+                                              config, rt, "train", beta=self.beta)
                 weight = rt.world_size / step_pairs if counts else 0.0
                 (losses.sum() * weight).backward()  # DDP averages grads over processes
             step_metrics.add(metrics if counts else {key: v[:0] for key, v in metrics.items()})
@@ -269,7 +280,7 @@ class _Run:
     def _log(self, epoch: float, lr: float, grad_norm: float, window: MetricSums, bar) -> dict:
         tokens, elapsed = self.state.tokens, self._elapsed()
         row = {"step": self.state.step, "epoch": round(epoch, 4), **window.means(self.rt), "learning_rate": lr,
-               "grad_norm": grad_norm, "tokens": tokens, "skipped_steps": self.state.skipped_steps,
+               "grad_norm": grad_norm, "beta": self.beta, "tokens": tokens, "skipped_steps": self.state.skipped_steps,
                "elapsed_s": round(elapsed, 3)}
         self.logger.log(row)
         if "loss" in row:
@@ -279,9 +290,23 @@ class _Run:
 
     def _evaluate(self, epoch: float) -> dict:
         metrics = evaluate(self._scorer(), self.data.eval, self.reference, self.loss_fn, self.config, self.rt,
-                           self.tokenizer.pad_token_id)
+                           self.tokenizer.pad_token_id, beta=self.beta)
         self.logger.log({"step": self.state.step, "epoch": round(epoch, 4), **metrics})
         return metrics
+
+    def _kl_control(self, epoch: float) -> bool:
+        """Estimate KL(π‖π_ref), log it with the β of the next step (``beta_next``), adapt β (--target-kl);
+        True when the estimate exceeds --max-kl."""
+        metrics = self.kl_monitor.estimate()
+        self.control.update(metrics["kl"])
+        self.state.beta_scale = self.control.scale
+        self.logger.log({"step": self.state.step, "epoch": round(epoch, 4), **metrics,
+                         "beta_next": self.control.beta(self.state.step)})
+        if self.control.over_limit(metrics["kl"]):
+            self.say(f"stopping at step {self.state.step}: KL estimate {metrics['kl']:.3f} ± "
+                     f"{metrics['kl_stderr']:.3f} nats exceeds --max-kl {self.config.max_kl}")
+            return True
+        return False
 
     def _early_stop(self, eval_loss: float) -> bool:
         state, patience = self.state, self.config.early_stopping_patience
