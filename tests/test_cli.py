@@ -312,10 +312,11 @@ SAMPLES = {
     "lora_target_modules": "q_proj,v_proj", "merge_lora": True, "num_proc": 2,
     "beta_schedule": "linear", "beta_start": 0.5, "beta_end": 0.05, "kl_eval_steps": 5, "kl_prompts": 16,
     "kl_max_new_tokens": 32, "target_kl": 6.0, "kl_adapt_rate": 0.5, "max_kl": 20.0,
+    "streaming": True,
 }
 NEEDS = {"eval_steps": {"eval_data": "heldout.jsonl"},
          "early_stopping_patience": {"eval_data": "heldout.jsonl", "eval_steps": 4},
-         "loss_weights": {"loss": "ipo,sft"}, "ref_sync_steps": {"reference": "model"},
+         "loss_weights": {"loss": "ipo,sft"}, "streaming": {"max_steps": 7}, "ref_sync_steps": {"reference": "model"},
          **{name: {"lora_r": 16} for name in ("lora_alpha", "lora_dropout", "lora_target_modules")},
          "beta_end": {"beta_schedule": "linear"}, "target_kl": {"kl_eval_steps": 5}, "max_kl": {"kl_eval_steps": 5},
          "kl_adapt_rate": {"kl_eval_steps": 5, "target_kl": 6.0}}

@@ -128,6 +128,8 @@ class TrainConfig:
     """Longest prompt in tokens; longer prompts keep their last tokens (and the BOS token)."""
     num_proc: int = 1
     """Tokenize the data in this many worker processes (same result as 1; worth it from tens of thousands of pairs). Tokenized pairs are cached in --output-dir/cache either way."""
+    streaming: bool = False
+    """Read --data (.jsonl or .jsonl.gz) lazily and tokenize on the fly, shuffled in a bounded buffer, with reference log-probs in a memory-mapped file: for data larger than memory. Needs --max-steps; no --eval-split (use --eval-data)."""
 
     # --- hardware ------------------------------------------------------------------------------
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -205,6 +207,7 @@ class TrainConfig:
         _validate_lora(self)
         _validate_fsdp(self)
         _validate_control(self)  # β schedule and KL control: dpolab.control.validate
+        _validate_streaming(self)
 
     # --- helpers -------------------------------------------------------------------------------
     @property
@@ -356,6 +359,24 @@ def _validate_fsdp(c: TrainConfig) -> None:
            "most memory), or train without --lora-r")
     _check(c.resume is None, "resume", "resuming a --fsdp run is not supported yet (checkpoints hold the full "
            "weights, not the sharded optimizer state)", "rerun without --resume")
+
+
+def _validate_streaming(c: TrainConfig) -> None:
+    """--streaming: the training data is read as it goes, so its length is unknown and it is never held whole."""
+    if not c.streaming:
+        return
+    from .losses import get_loss  # late import: losses do not depend on the config
+
+    _check(c.max_steps is not None, "max_steps", "is required with --streaming (the number of pairs is not known "
+           "in advance)", "add --max-steps N")
+    _check(not c.eval_split, "eval_split", "cannot hold out a fraction of streamed data",
+           "pass held-out pairs as --eval-data instead")
+    _check(c.data.lower().endswith((".jsonl", ".jsonl.gz")), "data", f"--streaming reads .jsonl or .jsonl.gz files, "
+           f"got '{c.data}'", "convert the data to JSON Lines (one pair per line), or drop --streaming")
+    _check(c.resume is None, "resume", "resuming a --streaming run is not supported yet",
+           "rerun without --resume, or train without --streaming")
+    _check(not getattr(get_loss(c.loss), "unpaired", False), "loss", f"--streaming reads preference pairs, not "
+           f"'{c.loss}'s unpaired examples", "drop --streaming, or pick a pairwise loss")
 
 
 def _validate_weights(c: TrainConfig, names: list[str]) -> None:

@@ -196,6 +196,10 @@ def prepare_data(config: TrainConfig, tokenizer, cache_dir: Path | None = None) 
     """
     if getattr(get_loss(config.loss), "unpaired", False):
         return prepare_examples(config, tokenizer)
+    if config.streaming:  # read lazily, never held whole (dpolab.streaming); no token cache
+        from .streaming import prepare_streaming
+
+        return prepare_streaming(config, tokenizer)
     if cache_dir is None:
         return _prepare_pairs(config, tokenizer)
     path = token_cache.cache_path(cache_dir, token_cache.cache_key(config, tokenizer))

@@ -108,6 +108,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
     """A hash of tokenized records (pairs or KTO examples): the index, then every other field in order."""
+    if hasattr(pairs, "fingerprint"):  # a --streaming PairStream: its file and tokenization settings
+        return pairs.fingerprint
     h = hashlib.sha256()
     for p in pairs:
         fields = [getattr(p, f.name) for f in dataclasses.fields(p) if f.name != "index"]
@@ -138,6 +140,12 @@ class PrecomputedReference:
               say=print, ld_alpha: float = 1.0, layout: Layout = Layout()) -> "PrecomputedReference":
         """Score every split with ``model`` (or reuse the cache). ``ld_alpha``: LD-DPO's weight of the
         tokens past the shorter completion, applied to the reference exactly as to the policy."""
+        if getattr(splits.get("train"), "streamed", False):  # --streaming: a memory-mapped table on disk
+            from .streaming import build_reference
+
+            return build_reference(model, splits, rt, cache_dir=cache_dir, batch_size=batch_size,
+                                   pad_token_id=pad_token_id, progress=progress, say=say, ld_alpha=ld_alpha,
+                                   layout=layout)
         key = hashlib.sha256(
             f"{CACHE_VERSION}|{model_fingerprint(model)}|{rt.precision}|ld_alpha={ld_alpha}|{layout}|".encode()
             + "|".join(f"{s}:{data_fingerprint(p)}" for s, p in sorted(splits.items())).encode()

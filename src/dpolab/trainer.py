@@ -62,6 +62,9 @@ def optimizer_steps(pairs: list[TokenizedPair], config: TrainConfig, rt: Runtime
     ``counts`` False: it must still run the forward and backward, since DDP all-reduces gradients
     across all processes, but that pair adds nothing to its loss, gradient or metrics.
     """
+    if getattr(pairs, "streamed", False):  # --streaming: batches read from the file (dpolab.streaming)
+        yield from pairs.optimizer_steps(config, rt, pad_token_id, start)
+        return
     per_epoch = math.ceil(math.ceil(len(pairs) / (config.batch_size * rt.world_size)) / config.grad_accum)
     cached: tuple[int, list[list[int]]] = (-1, [])
     step = start

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from dpolab.data.records import PreferencePair, UnpairedExample
 from dpolab.errors import DataError
@@ -278,30 +278,34 @@ def to_pairs(rows: Iterable[tuple[int, dict]], source: str) -> LoadedData:
     invalid message raises ``DataError`` naming the source, row and field. Rows whose chosen equals
     rejected are dropped; if no row is left (or there were none), that is an error too.
     """
-    pairs: list[PreferencePair] = []
-    dropped: dict[str, int] = {}
-    first_dropped: dict[str, int] = {}
-    fmt, first, rows_read = "", 0, 0
-    for number, data in rows:
-        rows_read += 1
-        row = _Row(source, number, data)
-        kind = detect_format(row)
-        if not fmt:
-            fmt, first = kind, number
-        _check_same_format(row, kind, fmt, first)
-        prompt, chosen, rejected = _CONVERTERS[fmt](row)
-        if chosen == rejected:
-            dropped["identical"] = dropped.get("identical", 0) + 1
-            first_dropped.setdefault("identical", number)
-            continue
-        pairs.append(PreferencePair(prompt, chosen, rejected, source=source, row=number))
-    if rows_read == 0:
+    counts = LoadedData(pairs=[], format="", rows_read=0, source=source)
+    pairs = list(iter_pairs(rows, counts))
+    if counts.rows_read == 0:
         raise DataError(source, "no rows found", fix="the source must hold at least one preference pair")
     if not pairs:
-        raise DataError(source, f"all {rows_read} rows were dropped ({_reasons(dropped)})",
+        raise DataError(source, f"all {counts.rows_read} rows were dropped ({_reasons(counts.dropped)})",
                         fix="chosen and rejected must differ for a pair to be usable")
-    return LoadedData(pairs=pairs, format=fmt, rows_read=rows_read, dropped=dropped, source=source,
-                      first_dropped=first_dropped)
+    counts.pairs = pairs
+    return counts
+
+
+def iter_pairs(rows: Iterable[tuple[int, dict]], counts: LoadedData) -> Iterator[PreferencePair]:
+    """``to_pairs`` one row at a time (``--streaming``): yields the kept pairs of ``counts.source`` and
+    keeps ``counts``' format, rows_read, dropped and first_dropped up to date; ``counts.pairs`` is left alone."""
+    source, first = counts.source, 0
+    for number, data in rows:
+        counts.rows_read += 1
+        row = _Row(source, number, data)
+        kind = detect_format(row)
+        if not counts.format:
+            counts.format, first = kind, number
+        _check_same_format(row, kind, counts.format, first)
+        prompt, chosen, rejected = _CONVERTERS[counts.format](row)
+        if chosen == rejected:
+            counts.dropped["identical"] = counts.dropped.get("identical", 0) + 1
+            counts.first_dropped.setdefault("identical", number)
+            continue
+        yield PreferencePair(prompt, chosen, rejected, source=source, row=number)
 
 
 def _reasons(dropped: dict[str, int]) -> str:
