@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import lora
-from .data.batching import PairBatch, collate, row_length
+from .data.batching import PairBatch, collate, item_tokens, row_length
 from .data.layout import Layout
 from .data.tokenize import TokenizedPair
 from .logprobs import batch_logps
@@ -117,13 +117,6 @@ def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
     return h.hexdigest()
 
 
-def _completions(record) -> tuple[list[int], list[int]]:
-    """A record's two completions: (chosen, rejected) of a pair, (completion, KL completion) of a KTO example."""
-    if hasattr(record, "chosen_ids"):
-        return record.chosen_ids, record.rejected_ids
-    return record.completion_ids, record.kl_completion_ids
-
-
 class PrecomputedReference:
     """Reference log-probs looked up by pair index from tables computed once before training."""
 
@@ -163,7 +156,7 @@ class PrecomputedReference:
             for split, pairs in splits.items()
         }
         seconds = time.perf_counter() - started
-        tokens = sum(2 * len(p.prompt_ids) + sum(len(c) for c in _completions(p)) for ps in splits.values() for p in ps)
+        tokens = sum(item_tokens(p) for ps in splits.values() for p in ps)
         say(f"reference log-probs: {sum(map(len, splits.values())):,} pairs, {tokens:,} tokens in {seconds:.1f} s "
             f"({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
         if path is not None and rt.is_main:

@@ -61,10 +61,6 @@ class ExampleBatch(Rows, _Rows):
     tokens: int = 0
 
 
-def _tokens(prompts: list[list[int]], firsts: list[list[int]], seconds: list[list[int]]) -> int:
-    return sum(2 * len(x) + len(a) + len(b) for x, a, b in zip(prompts, firsts, seconds))
-
-
 def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, ld_alpha: float = 1.0,
                   layout: Layout = Layout()) -> PairBatch:
     """Lay out B pairs in rows (the plain layout by default: chosen rows, then rejected rows).
@@ -86,7 +82,7 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, ld_alpha: fl
         index=torch.tensor([p.index for p in pairs], dtype=torch.long),
         chosen_lengths=torch.tensor([len(c) for c in chosen], dtype=torch.long),
         rejected_lengths=torch.tensor([len(c) for c in rejected], dtype=torch.long),
-        tokens=_tokens(prompts, chosen, rejected),
+        tokens=sum(map(item_tokens, pairs)),
     )
 
 
@@ -94,16 +90,16 @@ def collate_examples(examples: list[TokenizedExample], pad_token_id: int, *,
                      layout: Layout = Layout()) -> ExampleBatch:
     """Lay out B unpaired examples: each example, then its prompt with its KL completion."""
     prompts = [e.prompt_ids for e in examples]
-    completions, kl = [e.completion_ids for e in examples], [e.kl_completion_ids for e in examples]
+    answers, kl = [e.completion_ids for e in examples], [e.kl_completion_ids for e in examples]
     ones = lambda seqs: [[1.0] * len(c) for c in seqs]  # noqa: E731
-    rows = build_rows(prompts, completions, kl, ones(completions), ones(kl), pad_token_id, layout)
+    rows = build_rows(prompts, answers, kl, ones(answers), ones(kl), pad_token_id, layout)
     return ExampleBatch(
         **vars(rows),
         index=torch.tensor([e.index for e in examples], dtype=torch.long),
-        completion_lengths=torch.tensor([len(c) for c in completions], dtype=torch.long),
+        completion_lengths=torch.tensor([len(c) for c in answers], dtype=torch.long),
         kl_lengths=torch.tensor([len(c) for c in kl], dtype=torch.long),
         labels=torch.tensor([e.label for e in examples], dtype=torch.bool),
-        tokens=_tokens(prompts, completions, kl),
+        tokens=sum(map(item_tokens, examples)),
     )
 
 
@@ -115,11 +111,22 @@ def collate(items: list, pad_token_id: int, *, ld_alpha: float = 1.0,
     return collate_pairs(items, pad_token_id, ld_alpha=ld_alpha, layout=layout)
 
 
+def completions(item) -> tuple[list[int], list[int]]:
+    """A record's two completions: (chosen, rejected) of a pair, (completion, KL completion) of a KTO example."""
+    if isinstance(item, TokenizedExample):
+        return item.completion_ids, item.kl_completion_ids
+    return item.chosen_ids, item.rejected_ids
+
+
 def row_length(item) -> int:
     """Tokens in the longer of a record's two rows (prompt + completion), to sort by length."""
-    if isinstance(item, TokenizedExample):
-        return len(item.prompt_ids) + max(len(item.completion_ids), len(item.kl_completion_ids))
-    return len(item.prompt_ids) + max(len(item.chosen_ids), len(item.rejected_ids))
+    return len(item.prompt_ids) + max(map(len, completions(item)))
+
+
+def item_tokens(item) -> int:
+    """Tokens of a record counted as batches count them: the prompt with each completion."""
+    first, second = completions(item)
+    return 2 * len(item.prompt_ids) + len(first) + len(second)
 
 
 def epoch_batches(num_items: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
