@@ -149,6 +149,8 @@ class TrainConfig:
     """Recompute activations in the backward pass instead of storing them: much less memory, about a third slower."""
     fsdp: bool = False
     """Under torchrun, shard weights, gradients and optimizer state across processes with PyTorch FSDP2 instead of replicating them (DDP)."""
+    deepspeed: Optional[str] = None
+    """DeepSpeed JSON config (e.g. examples/deepspeed/zero3.json): train under a DeepSpeed ZeRO engine (pip install deepspeed); "auto" or missing batch, accumulation, clipping and bf16 values are filled from these options. Launch with torchrun or accelerate launch for several processes."""
 
     # --- LoRA ----------------------------------------------------------------------------------
     lora_r: Optional[int] = None

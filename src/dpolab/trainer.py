@@ -7,6 +7,7 @@ sinks) is prepared before the loop and called from it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
@@ -85,14 +86,23 @@ def train(config: TrainConfig) -> TrainResult:
     """Train ``config.model`` on ``config.data`` with a preference loss; see ``TrainConfig`` for options.
 
     Under ``torchrun``/``accelerate launch`` every process runs this: see ``dpolab.distributed``."""
-    with distributed.runtime(config.device, config.precision) as rt:
+    with distributed.runtime(config.device, config.precision) as rt, _engine_env(config):
         result = _train(config, rt)
-        if config.fsdp and rt.world_size > 1:
+        if (config.fsdp and rt.world_size > 1) or config.deepspeed:
             # The shards hold the process group: free them while it exists, not at interpreter exit
             # (where gloo's threads can abort the process). The trained weights are in final/.
             result.model = None
             gc.collect()
     return result
+
+
+def _engine_env(config: TrainConfig):
+    """--deepspeed in a process no launcher started: the launcher variables DeepSpeed reads (``dpolab.zero``)."""
+    if not config.deepspeed:
+        return contextlib.nullcontext()
+    from .zero import launcher_env
+
+    return launcher_env()
 
 
 def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
@@ -102,6 +112,10 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
     seed_everything(config.seed)
     check_tracker(config.report_to)
     check_output_dir(config)
+    if config.deepspeed:  # a missing or malformed DeepSpeed file fails before the (long) data preparation
+        from .zero import read_config
+
+        read_config(config.deepspeed)
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer, cache_dir=Path(config.output_dir) / "cache")  # raises on bad input
     model = load_model(config, rt)
@@ -125,7 +139,7 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
         for diff in ckpt.check_resumable(ckpt.read_run_info(resume_from), info, config.resume_force):
             say(f"resume: differs from the checkpoint (--resume-force): {diff}")
     loss_fn = get_loss(config.loss)
-    sharded = _shard(model, config, rt, say)  # --fsdp: before the reference pass, which scores with the shards
+    sharded = _shard(model, config, rt, say)  # --fsdp/--deepspeed: before the reference pass, which scores with them
     reference = None
     if not getattr(loss_fn, "reference_free", False):  # built from the initial weights, before any resume
         if config.reference == "model":
@@ -137,8 +151,8 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
                     sharded or model, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
                     pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say,
                     ld_alpha=config.ld_alpha, layout=config.layout)
-    run = _Run(config, rt, model, tokenizer, data, reference, loss_fn, out, say, build_optimizer(model, config),
-               info)
+    optimizer = sharded.optimizer if config.deepspeed else build_optimizer(model, config)  # FSDP: on the shards
+    run = _Run(config, rt, model, tokenizer, data, reference, loss_fn, out, say, optimizer, info)
     if config.kl_eval_steps:  # from the initial weights, before the resume (dpolab.control)
         run.kl_monitor = KLMonitor(model, reference, kl_prompt_ids(data, config.kl_prompts), tokenizer, config, rt)
     if resume_from is not None:
@@ -151,7 +165,14 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
 
 
 def _shard(model: torch.nn.Module, config: TrainConfig, rt: Runtime, say):
-    """--fsdp under a launcher: the policy sharded with FSDP2 (``dpolab.sharding``); else None."""
+    """--deepspeed: the policy under a DeepSpeed ZeRO engine (``dpolab.zero``); --fsdp under a launcher:
+    sharded with FSDP2 (``dpolab.sharding``; its optimizer is built on the shards afterwards); else None."""
+    if config.deepspeed:
+        from .zero import wrap
+
+        policy = wrap(model, config, build_optimizer(model, config), rt)
+        say(f"DeepSpeed ZeRO stage {policy.stage} on {rt.world_size} process(es), config {config.deepspeed}")
+        return policy
     if not config.fsdp:
         return None
     if rt.world_size == 1:
@@ -251,14 +272,21 @@ class _Run:
         mine = sum(b.num_pairs for b, counts in micro_batches if counts)
         step_pairs = float(rt.reduce_sum(torch.tensor(float(mine))))
         step_metrics = MetricSums()
+        engine = getattr(self.policy, "engine", None)  # --deepspeed: DeepSpeed owns backward and the update
         for k, (batch, counts) in enumerate(micro_batches):
             state.tokens += int(rt.reduce_sum(torch.tensor(batch.num_tokens if counts else 0)))
             with distributed.gradient_sync(self.policy, last=k == len(micro_batches) - 1):
                 losses, metrics = pair_losses(self.policy, batch.to(rt.device), self.reference, self.loss_fn,
                                               config, rt, "train", beta=self.beta)
                 weight = rt.world_size / step_pairs if counts else 0.0
-                (losses.sum() * weight).backward()  # DDP averages grads over processes
+                if engine is None:
+                    (losses.sum() * weight).backward()  # DDP averages grads over processes
             step_metrics.add(metrics if counts else {key: v[:0] for key, v in metrics.items()})
+            if engine is not None:
+                self._engine_backward(losses.sum() * weight, step_metrics)
+        if engine is not None:
+            window.merge(step_metrics)
+            return self.policy.grad_norm()
         grad_norm = clip_gradients(self.model, config.max_grad_norm)
         finite = math.isfinite(grad_norm) and step_metrics.all_finite(rt)
         if finite:
@@ -276,6 +304,16 @@ class _Run:
                                   f"loss or gradient (at step {state.step + 1}); lower --learning-rate, check the "
                                   "data, or raise --max-skipped-steps")
         return grad_norm
+
+    def _engine_backward(self, loss: torch.Tensor, step_metrics: MetricSums) -> None:
+        """--deepspeed: backward and step through the engine after each micro-batch (it updates at the
+        accumulation boundary, clipping as its config says). DeepSpeed cannot skip an update, so a
+        non-finite loss stops the run before its gradients reach the weights."""
+        if not step_metrics.all_finite(self.rt):
+            raise TrainingStopped(f"non-finite loss at step {self.state.step + 1}: under --deepspeed the update cannot "
+                                  "be skipped; lower --learning-rate or check the data, then rerun")
+        self.policy.backward(loss)
+        self.policy.step()
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started

@@ -20,6 +20,7 @@ def validate(c) -> None:
     _validate_objective(c)
     _validate_lora(c)
     _validate_fsdp(c)
+    _validate_deepspeed(c)
     _validate_control(c)  # β schedule and KL control: dpolab.control.validate
     _validate_streaming(c)
 
@@ -137,6 +138,21 @@ def _validate_fsdp(c) -> None:
            "most memory), or train without --lora-r")
     _check(c.resume is None, "resume", "resuming a --fsdp run is not supported yet (checkpoints hold the full "
            "weights, not the sharded optimizer state)", "rerun without --resume")
+
+
+def _validate_deepspeed(c) -> None:
+    """--deepspeed: the engine holds (and under ZeRO-3 partitions) the weights, so nothing else may."""
+    if not c.deepspeed:
+        return
+    _check(not c.fsdp, "fsdp", "--fsdp and --deepspeed are two ways to shard the same model", "pick one of them")
+    _check(c.reference != "model", "reference", "--reference model would keep a whole unsharded copy beside the "
+           "DeepSpeed engine", "use --reference precompute (the default) with --deepspeed")
+    _check(not c.lora_r, "lora_r", "LoRA adapters are not combined with --deepspeed yet",
+           "drop --deepspeed (LoRA already saves most memory), or train without --lora-r")
+    _check(c.resume is None, "resume", "resuming a --deepspeed run is not supported yet (checkpoints hold the full "
+           "weights, not DeepSpeed's partitioned optimizer state)", "rerun without --resume")
+    _check(c.kl_eval_steps is None, "kl_eval_steps", "sampling from a DeepSpeed-partitioned policy is not "
+           "supported", "drop --kl-eval-steps, or estimate KL afterwards with dpolab eval")
 
 
 def _validate_streaming(c) -> None:
