@@ -308,7 +308,7 @@ SAMPLES = {
     "undesirable_weight": 0.75, "ref_sync_steps": 8, "ref_sync_alpha": 0.5,
     "allow_pickle": True, "resume": "runs/x/checkpoints/step-2", "resume_force": True, "save_total_limit": 2,
     "max_skipped_steps": 3, "strict": True, "prefix_sharing": False, "packing": False, "pack_length": 2048,
-    "gradient_checkpointing": True, "fsdp": True, "deepspeed": "ds_config.json", "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05,
+    "gradient_checkpointing": True, "activation_offloading": True, "fsdp": True, "deepspeed": "ds_config.json", "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05,
     "lora_target_modules": "q_proj,v_proj", "merge_lora": True, "num_proc": 2,
     "beta_schedule": "linear", "beta_start": 0.5, "beta_end": 0.05, "kl_eval_steps": 5, "kl_prompts": 16,
     "kl_max_new_tokens": 32, "target_kl": 6.0, "kl_adapt_rate": 0.5, "max_kl": 20.0,

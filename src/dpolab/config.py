@@ -147,6 +147,8 @@ class TrainConfig:
     """Longest packed row in tokens (default: the longest pair of the batch, so attention costs no more than without packing)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them: much less memory, about a third slower."""
+    activation_offloading: bool = False
+    """On GPU: keep the activations saved for the backward pass in pinned CPU memory instead of GPU memory (torch.autograd.graph.save_on_cpu): frees GPU memory for larger batches, costs transfer time. Nothing to move on CPU (a note says so)."""
     fsdp: bool = False
     """Under torchrun, shard weights, gradients and optimizer state across processes with PyTorch FSDP2 instead of replicating them (DDP)."""
     deepspeed: Optional[str] = None

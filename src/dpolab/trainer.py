@@ -119,6 +119,9 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer, cache_dir=Path(config.output_dir) / "cache")  # raises on bad input
     model = load_model(config, rt)
+    if config.activation_offloading and rt.device.type != "cuda":
+        say(f"note: --activation-offloading moves activations from GPU to CPU memory; on {rt.device} they are "
+            "already in CPU memory, so it does nothing")
     if (config.prefix_sharing or config.packing) and not supports_custom_layout(model):
         say(f"note: {type(model).__name__} with attention '{model.config._attn_implementation}' does not take "
             "the masks of prefix sharing and packing; training with plain padded rows")
@@ -275,7 +278,7 @@ class _Run:
         engine = getattr(self.policy, "engine", None)  # --deepspeed: DeepSpeed owns backward and the update
         for k, (batch, counts) in enumerate(micro_batches):
             state.tokens += int(rt.reduce_sum(torch.tensor(batch.num_tokens if counts else 0)))
-            with distributed.gradient_sync(self.policy, last=k == len(micro_batches) - 1):
+            with distributed.gradient_sync(self.policy, last=k == len(micro_batches) - 1), self._offloading():
                 losses, metrics = pair_losses(self.policy, batch.to(rt.device), self.reference, self.loss_fn,
                                               config, rt, "train", beta=self.beta)
                 weight = rt.world_size / step_pairs if counts else 0.0
@@ -314,6 +317,12 @@ class _Run:
                                   "be skipped; lower --learning-rate or check the data, then rerun")
         self.policy.backward(loss)
         self.policy.step()
+
+    def _offloading(self):
+        """--activation-offloading on GPU: tensors saved for backward go to pinned CPU memory."""
+        if self.config.activation_offloading and self.rt.device.type == "cuda":
+            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        return contextlib.nullcontext()
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
