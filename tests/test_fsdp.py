@@ -53,14 +53,35 @@ def test_fsdp_final_loads_as_a_plain_model(runs):
         torch.testing.assert_close(got[name], weight, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("extra, field", [({"reference": "model"}, "reference"), ({"lora_r": 8}, "lora_r"),
-                                          ({"resume": "runs/x/checkpoints/step-2"}, "resume")])
+@pytest.mark.parametrize("extra, field", [({"reference": "model"}, "reference"), ({"lora_r": 8}, "lora_r")])
 def test_fsdp_refuses_what_it_does_not_shard(extra, field):
     base = {"model": "m", "data": "d.jsonl", "output_dir": "o", "fsdp": True}
     with pytest.raises(ConfigError) as info:
         TrainConfig(**base, **extra)
     assert info.value.field == field
     TrainConfig(**{**base, "fsdp": False}, **extra)  # fine without --fsdp
+
+
+def test_fsdp_resume_continues_as_the_uninterrupted_run(runs, tmp_path, tiny_model_dir):
+    """Resume the sharded run from its step-2 checkpoint (whole weights and AdamW state, read by every
+    process): steps 3-5 and final/ are those of the run that was never stopped."""
+    import shutil
+
+    from test_distributed import read_rows
+
+    out, _, _ = runs
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("final", "step-4"))
+    proc = launch(TORCHRUN, ["--config", resumed / "config.yaml", "--output-dir", resumed, "--resume"], tmp_path)
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    got, want = read_rows(resumed), read_rows(out)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=TOL), (b["step"], key)
+    for name, weight in load_file(out / "final" / "model.safetensors").items():
+        torch.testing.assert_close(load_file(resumed / "final" / "model.safetensors")[name], weight, atol=TOL, rtol=0)
 
 
 def test_units_and_mixed_precision():

@@ -205,26 +205,36 @@ def read_run_info(path: Path) -> dict:
     return json.loads((path / "run.json").read_text())
 
 
-def load_checkpoint(path: Path, model, optimizer) -> TrainState:
-    """Load weights, optimizer, loop state and RNG states from ``path``."""
+def load_checkpoint(path: Path, model, optimizer, sharded=None) -> TrainState:
+    """Load weights, optimizer, loop state and RNG states from ``path``.
+
+    ``sharded``: a sharded policy (``dpolab.sharding``) that loads the whole weights and optimizer state
+    into its shards itself (``load_full_state``)."""
     from safetensors.torch import load_file
 
     weights = {}
     for shard in sorted(path.glob("*.safetensors")):  # one file, or shards of a large model
         weights.update(load_file(str(shard), device="cpu"))
+    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if sharded is not None:
+        _check_weights(path, *sharded.load_full_state(weights, blob["optimizer"], optimizer))
+        set_rng_state(blob["rng"])
+        return TrainState(**blob["state"])
     if lora.is_lora(model):  # a LoRA run's checkpoint holds the adapter only (adapter_model.safetensors)
         lora.load_adapter_weights(model, weights, path)
     else:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {k for k in missing if "lm_head" in k or "embed" in k}  # tied weights are stored once
-        if set(missing) - tied or unexpected:
-            raise ConfigError("resume", f"checkpoint {path} does not match the model "
-                              f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})",
-                              "resume with the same --model")
-    blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        _check_weights(path, *model.load_state_dict(weights, strict=False))
     optimizer.load_state_dict(blob["optimizer"])
     set_rng_state(blob["rng"])
     return TrainState(**blob["state"])
+
+
+def _check_weights(path: Path, missing, unexpected) -> None:
+    tied = {k for k in missing if "lm_head" in k or "embed" in k}  # tied weights are stored once
+    if set(missing) - tied or unexpected:
+        raise ConfigError("resume", f"checkpoint {path} does not match the model "
+                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})",
+                          "resume with the same --model")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

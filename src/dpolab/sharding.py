@@ -15,15 +15,18 @@ with a batch that does not count where a share runs out (``lockstep``).
 
 The optimizer is built after sharding (its parameters are the local shards, DTensors). Saving
 gathers the full weights on every process's CPU (``get_model_state_dict``), and the main process
-writes them as a plain ``save_pretrained`` folder (final/ and checkpoints alike). Checkpoints hold no
-optimizer state: resuming a ``--fsdp`` run is not supported yet (the config refuses it).
+writes them as a plain ``save_pretrained`` folder (final/ and checkpoints alike). Checkpoints also
+hold the whole AdamW state (``get_optimizer_state_dict``, keyed by parameter names), so ``--resume``
+reads both on every process and each keeps its shards (``load_full_state``); the checkpoint does not
+depend on the number of processes that wrote it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .distributed import _Scorer
@@ -86,6 +89,22 @@ class ShardedPolicy:
     def full_state_dict(self) -> dict[str, Tensor]:
         """The whole weights on CPU, gathered from all shards; every process must call it."""
         return get_model_state_dict(self.model, options=FULL_ON_CPU)
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The whole AdamW state on CPU (keyed by parameter names), gathered from all shards; every
+        process must call it (the main process gets it, the others an empty dict)."""
+        return get_optimizer_state_dict(self.model, optimizer, options=FULL_ON_CPU)
+
+    def load_full_state(self, weights: dict[str, Tensor], optimizer_state: dict,
+                        optimizer: torch.optim.Optimizer) -> tuple[list[str], list[str]]:
+        """--resume: every process reads the whole checkpoint and keeps its shards; returns (missing,
+        unexpected) weight names (the tied LM head is stored once)."""
+        keys = set(self.model.state_dict())
+        missing = sorted(keys - set(weights))
+        unexpected = sorted(set(weights) - keys)
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(self.model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+        return missing, unexpected
 
 
 def shard(model: torch.nn.Module, rt: Runtime) -> ShardedPolicy:

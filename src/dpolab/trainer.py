@@ -159,7 +159,7 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
     if config.kl_eval_steps:  # from the initial weights, before the resume (dpolab.control)
         run.kl_monitor = KLMonitor(model, reference, kl_prompt_ids(data, config.kl_prompts), tokenizer, config, rt)
     if resume_from is not None:
-        run.state = ckpt.load_checkpoint(resume_from, model, run.optimizer)
+        run.state = ckpt.load_checkpoint(resume_from, model, run.optimizer, sharded=sharded)
         if rt.is_main:
             ckpt.truncate_metrics(out / "metrics.jsonl", run.state.step)
         say(f"resumed from {resume_from} at step {run.state.step}")
@@ -374,7 +374,8 @@ class _Run:
         self.state.elapsed_s = self._elapsed()
         self.state.window_sums, self.state.window_pairs = dict(window.sums), window.pairs
         weights = self._full_weights()
-        optimizer_state = {} if weights is not None else None  # --fsdp: no resume, so no (sharded) Adam state
+        # sharded: the whole optimizer state gathered the same way (a collective), or {} where not supported
+        optimizer_state = self.policy.full_optimizer_state(self.optimizer) if weights is not None else None
         if self.rt.is_main:
             ckpt.save_checkpoint(self.out, self.model, self.tokenizer, self.optimizer, self.state, self.info,
                                  keep=self.config.save_total_limit, state_dict=weights,

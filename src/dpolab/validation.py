@@ -136,8 +136,6 @@ def _validate_fsdp(c) -> None:
            "whole unsharded copy on every process", "use --reference precompute (the default) with --fsdp")
     _check(not c.lora_r, "lora_r", "LoRA adapters are not sharded with --fsdp", "drop --fsdp (LoRA already saves "
            "most memory), or train without --lora-r")
-    _check(c.resume is None, "resume", "resuming a --fsdp run is not supported yet (checkpoints hold the full "
-           "weights, not the sharded optimizer state)", "rerun without --resume")
 
 
 def _validate_deepspeed(c) -> None:

@@ -171,6 +171,10 @@ class DeepSpeedPolicy:
     def eval(self) -> "DeepSpeedPolicy":
         return self.train(False)
 
+    def full_optimizer_state(self, optimizer) -> dict:
+        """Checkpoints of a --deepspeed run hold no optimizer state (--resume is refused)."""
+        return {}
+
     def full_state_dict(self) -> dict[str, Tensor]:
         """The whole weights on CPU in fp32 (gathered under ZeRO-3); every process must call it."""
         import deepspeed
