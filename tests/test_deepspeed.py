@@ -7,6 +7,7 @@ DeepSpeed's own config class, dpolab fills "auto" values, and contradictions are
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,19 +37,39 @@ def setup(tmp_path_factory, tiny_model_dir):
     return root, args
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_one_process_trains_exactly_as_without_deepspeed(setup, tiny_model_dir, stage):
+@pytest.fixture(scope="module")
+def one_process(setup):
+    """stage -> the output folder of a --deepspeed run in this process (batch 8), made on first use."""
     root, args = setup
-    out = root / f"one-zero{stage}"
-    assert main(["train", *map(str, args), "--batch-size", "8", "--output-dir", str(out),
-                 "--deepspeed", str(root / f"zero{stage}.json")]) == 0
-    assert_same_run(out, root / "single", tiny_model_dir)  # losses, grad norms, eval metrics, final weights
+    made = {}
+
+    def run(stage: int) -> Path:
+        if stage not in made:
+            made[stage] = root / f"one-zero{stage}"
+            assert main(["train", *map(str, args), "--batch-size", "8", "--output-dir", str(made[stage]),
+                         "--deepspeed", str(root / f"zero{stage}.json")]) == 0
+        return made[stage]
+    return run
 
 
-def test_two_zero3_processes_train_as_one_with_twice_the_batch(setup, tiny_model_dir):
+@pytest.fixture(scope="module")
+def two_processes(setup):
+    """2 ZeRO-3 processes x batch 4 under torchrun: (output folder, the launcher's output)."""
     root, args = setup
     out = root / "two-zero3"
     proc = launch(TORCHRUN, [*args, "--batch-size", "4", "--output-dir", out, "--deepspeed", root / "zero3.json"], root)
+    return out, proc
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_one_process_trains_exactly_as_without_deepspeed(setup, one_process, tiny_model_dir, stage):
+    root, _ = setup
+    assert_same_run(one_process(stage), root / "single", tiny_model_dir)  # losses, grad norms, eval, final weights
+
+
+def test_two_zero3_processes_train_as_one_with_twice_the_batch(setup, two_processes, tiny_model_dir):
+    root, _ = setup
+    out, proc = two_processes
     assert_same_run(out, root / "single", tiny_model_dir)
     assert [r["step"] for r in read_rows(out) if "loss" in r] == [1, 2, 3, 4, 5]
     assert "DeepSpeed ZeRO stage 3 on 2 process(es)" in proc.stdout
@@ -56,6 +77,39 @@ def test_two_zero3_processes_train_as_one_with_twice_the_batch(setup, tiny_model
     for name, weight in load_file(root / "single" / "checkpoints" / "step-4" / "model.safetensors").items():
         got = load_file(out / "checkpoints" / "step-4" / "model.safetensors")[name]
         torch.testing.assert_close(got, weight, atol=TOL, rtol=0)
+
+
+def assert_resumed_as_uninterrupted(resumed: Path, out: Path) -> None:
+    got, want = read_rows(resumed), read_rows(out)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=TOL), (b["step"], key)
+    for name, weight in load_file(out / "final" / "model.safetensors").items():
+        torch.testing.assert_close(load_file(resumed / "final" / "model.safetensors")[name], weight, atol=TOL, rtol=0)
+
+
+def copy_for_resume(out: Path, to: Path) -> Path:
+    """The run as it was after its step-2 checkpoint (later checkpoints and final/ removed)."""
+    shutil.copytree(out, to, ignore=shutil.ignore_patterns("final", "step-4"))
+    return to
+
+
+def test_resume_under_deepspeed_continues_as_the_uninterrupted_run(one_process, two_processes, tmp_path):
+    """DeepSpeed's own checkpoint (partitions, fp32 master weights, AdamW state) under
+    checkpoints/deepspeed/step-N: steps 3-5 and final/ equal the run that was never stopped, in one
+    process and in two (each reloads its own partitions)."""
+    out = one_process(3)
+    assert sorted(p.name for p in (out / "checkpoints" / "deepspeed").glob("step-*")) == ["step-2", "step-4"]
+    resumed = copy_for_resume(out, tmp_path / "resumed")
+    assert main(["train", "--config", str(resumed / "config.yaml"), "--output-dir", str(resumed), "--resume"]) == 0
+    assert_resumed_as_uninterrupted(resumed, out)
+    out, _ = two_processes
+    resumed = copy_for_resume(out, tmp_path / "resumed-two")
+    proc = launch(TORCHRUN, ["--config", resumed / "config.yaml", "--output-dir", resumed, "--resume"], tmp_path)
+    assert "at step 2" in proc.stdout
+    assert_resumed_as_uninterrupted(resumed, out)
 
 
 @pytest.mark.parametrize("name, stage", [("zero2.json", 2), ("zero3.json", 3)])
@@ -102,8 +156,7 @@ def test_a_missing_config_fails_before_anything_is_written(tmp_path, tiny_model_
 
 
 @pytest.mark.parametrize("extra, field", [({"fsdp": True}, "fsdp"), ({"reference": "model"}, "reference"),
-                                          ({"lora_r": 8}, "lora_r"), ({"resume": "runs/x/checkpoints/step-2"}, "resume"),
-                                          ({"kl_eval_steps": 5}, "kl_eval_steps")])
+                                          ({"lora_r": 8}, "lora_r"), ({"kl_eval_steps": 5}, "kl_eval_steps")])
 def test_deepspeed_refuses_what_it_does_not_combine_with(extra, field):
     base = {"model": "m", "data": "d.jsonl", "output_dir": "o", "deepspeed": "ds.json"}
     with pytest.raises(ConfigError) as info:

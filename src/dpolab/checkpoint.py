@@ -217,7 +217,7 @@ def load_checkpoint(path: Path, model, optimizer, sharded=None) -> TrainState:
         weights.update(load_file(str(shard), device="cpu"))
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     if sharded is not None:
-        _check_weights(path, *sharded.load_full_state(weights, blob["optimizer"], optimizer))
+        _check_weights(path, *sharded.load_full_state(weights, blob["optimizer"], optimizer, path))
         set_rng_state(blob["rng"])
         return TrainState(**blob["state"])
     if lora.is_lora(model):  # a LoRA run's checkpoint holds the adapter only (adapter_model.safetensors)

@@ -95,8 +95,8 @@ class ShardedPolicy:
         process must call it (the main process gets it, the others an empty dict)."""
         return get_optimizer_state_dict(self.model, optimizer, options=FULL_ON_CPU)
 
-    def load_full_state(self, weights: dict[str, Tensor], optimizer_state: dict,
-                        optimizer: torch.optim.Optimizer) -> tuple[list[str], list[str]]:
+    def load_full_state(self, weights: dict[str, Tensor], optimizer_state: dict, optimizer: torch.optim.Optimizer,
+                        path=None) -> tuple[list[str], list[str]]:
         """--resume: every process reads the whole checkpoint and keeps its shards; returns (missing,
         unexpected) weight names (the tied LM head is stored once)."""
         keys = set(self.model.state_dict())

@@ -374,6 +374,8 @@ class _Run:
         self.state.elapsed_s = self._elapsed()
         self.state.window_sums, self.state.window_pairs = dict(window.sums), window.pairs
         weights = self._full_weights()
+        if hasattr(self.policy, "save_engine_state"):  # --deepspeed: its partitions, in its own format
+            self.policy.save_engine_state(self.out / "checkpoints", self.state.step)
         # sharded: the whole optimizer state gathered the same way (a collective), or {} where not supported
         optimizer_state = self.policy.full_optimizer_state(self.optimizer) if weights is not None else None
         if self.rt.is_main:

@@ -147,8 +147,6 @@ def _validate_deepspeed(c) -> None:
            "DeepSpeed engine", "use --reference precompute (the default) with --deepspeed")
     _check(not c.lora_r, "lora_r", "LoRA adapters are not combined with --deepspeed yet",
            "drop --deepspeed (LoRA already saves most memory), or train without --lora-r")
-    _check(c.resume is None, "resume", "resuming a --deepspeed run is not supported yet (checkpoints hold the full "
-           "weights, not DeepSpeed's partitioned optimizer state)", "rerun without --resume")
     _check(c.kl_eval_steps is None, "kl_eval_steps", "sampling from a DeepSpeed-partitioned policy is not "
            "supported", "drop --kl-eval-steps, or estimate KL afterwards with dpolab eval")
 

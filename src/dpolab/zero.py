@@ -16,7 +16,8 @@ dpolab's AdamW, with its weight-decay groups and learning-rate schedule either w
 
 As with FSDP (``dpolab.sharding``), every process runs every forward together (``lockstep``), and
 saving gathers the whole weights to CPU, written by rank 0 as a plain ``save_pretrained`` folder.
-Checkpoints hold no optimizer state: ``--resume`` is refused with ``--deepspeed`` for now.
+Checkpoints also hold DeepSpeed's own state (``engine.save_checkpoint`` under
+``checkpoints/deepspeed/step-N``), which ``--resume`` reloads with the same number of processes.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ class DeepSpeedPolicy:
         self.model = model
         self.weights_fingerprint = model_fingerprint(model)  # before ZeRO-3 partitions the weights
         self.stage = stage(raw)
+        self.saved_tag = None
         kwargs = {"model_parameters": [p for p in model.parameters() if p.requires_grad]}
         if optimizer is not None and "optimizer" not in raw:
             kwargs = {"optimizer": optimizer}
@@ -172,8 +174,38 @@ class DeepSpeedPolicy:
         return self.train(False)
 
     def full_optimizer_state(self, optimizer) -> dict:
-        """Checkpoints of a --deepspeed run hold no optimizer state (--resume is refused)."""
-        return {}
+        """The optimizer state stays in DeepSpeed's own format (``save_engine_state``): the checkpoint's
+        trainer_state.pt holds only where to find it."""
+        return {"deepspeed_tag": self.saved_tag}
+
+    def save_engine_state(self, checkpoints: Path, step: int) -> None:
+        """Every process writes its partitions (weights, fp32 master copy, AdamW state) with
+        ``engine.save_checkpoint`` under ``checkpoints/deepspeed/step-N``; a collective."""
+        import shutil
+
+        import torch.distributed as dist
+
+        self.saved_tag = f"step-{step}"
+        self.engine.save_checkpoint(str(checkpoints / "deepspeed"), tag=self.saved_tag, save_latest=False)
+        if dist.get_rank() == 0:  # DeepSpeed states of checkpoints --save-total-limit has pruned since the last save
+            for old in (checkpoints / "deepspeed").iterdir():
+                if old.name != self.saved_tag and not (checkpoints / old.name / "trainer_state.pt").is_file():
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def load_full_state(self, weights: dict, optimizer_state: dict, optimizer, path: Path) -> tuple[list, list]:
+        """--resume: DeepSpeed reloads its partitions (needs the same number of processes as the run that
+        saved them); the whole weights in the checkpoint folder are for ``transformers``, not read here."""
+        tag = optimizer_state.get("deepspeed_tag")
+        folder = Path(path).parent / "deepspeed"
+        if not tag or not (folder / tag).is_dir():
+            raise ConfigError("resume", f"{path} holds no DeepSpeed state ({folder / str(tag)} is missing)",
+                              "resume from a checkpoint a --deepspeed run wrote, or rerun without --resume")
+        loaded, _ = self.engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ConfigError("resume", f"DeepSpeed could not load {folder / tag}",
+                              "resume with the same --deepspeed config and number of processes")
+        return [], []
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The whole weights on CPU in fp32 (gathered under ZeRO-3); every process must call it."""
