@@ -148,8 +148,10 @@ def _check_reward_folder(path: str) -> None:
     data = json.loads(config.read_text(encoding="utf-8"))
     archs = data.get("architectures") or ["(no architecture)"]
     labels = len(data.get("id2label") or {}) or data.get("num_labels", 2)
-    if not any(str(a).endswith("ForSequenceClassification") for a in archs) or labels != 1:
-        raise ConfigError("model", f"'{path}' is not a reward model (config.json: {archs[0]}, {labels} labels)",
+    classifier = any(str(a).endswith("ForSequenceClassification") for a in archs)
+    if not classifier or labels != 1:
+        what = f"a classifier with {labels} labels" if classifier else f"config.json names {archs[0]}"
+        raise ConfigError("model", f"'{path}' is not a reward model ({what}, not a one-output score head)",
                           "train one with dpolab reward train and pass its final/ folder")
 
 
