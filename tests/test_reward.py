@@ -273,3 +273,23 @@ def test_bad_score_inputs(trained, tiny_model_dir, tmp_path, capsys):
     with pytest.raises(Exception, match="not a reward model"):
         load_reward_model(str(tiny_model_dir), "cpu")
     assert main(["reward"]) == 2
+
+
+def test_torchrun_two_processes_train_the_reward_model_as_one(tmp_path, tiny_model_dir):
+    """DDP runs the reward forward as the wrapped module's forward: 2 processes x batch 4 = 1 x batch 8."""
+    from safetensors.torch import load_file
+    from test_distributed import TORCHRUN, launch
+
+    data = write_jsonl(tmp_path / "train.jsonl", star_rows(20, 3))
+    args = ["--model", tiny_model_dir, "--data", data, "--max-steps", "3", "--logging-steps", "1", "--learning-rate",
+            "1e-3", "--precision", "fp32", "--device", "cpu", "--no-progress"]
+    assert main(["reward", "train", *map(str, args), "--batch-size", "8", "--output-dir", str(tmp_path / "one")]) == 0
+    launch([*TORCHRUN[:-1], "reward", "train"], [*args, "--batch-size", "4", "--output-dir", tmp_path / "two"], tmp_path)
+    one, two = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["accuracy"] for r in two] == pytest.approx([r["accuracy"] for r in one], abs=1e-6)
+    final_one, final_two = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "two"))
+    assert "score.weight" in final_two
+    for name, weight in final_one.items():
+        torch.testing.assert_close(final_two[name], weight, atol=1e-5, rtol=0)
