@@ -117,7 +117,8 @@ def star_rows(n, seed):
 def trained(tmp_path_factory, tiny_model_dir):
     """`dpolab reward train` in process, with the trained model kept from the run (the result of train)."""
     tmp = tmp_path_factory.mktemp("reward")
-    train, heldout = write_jsonl(tmp / "train.jsonl", star_rows(64, 0)), write_jsonl(tmp / "eval.jsonl", star_rows(32, 1))
+    train = write_jsonl(tmp / "train.jsonl", star_rows(64, 0))
+    heldout = write_jsonl(tmp / "eval.jsonl", star_rows(32, 1))
     results = []
     real = dpolab.trainer.train
     with pytest.MonkeyPatch.context() as mp:
@@ -284,7 +285,8 @@ def test_torchrun_two_processes_train_the_reward_model_as_one(tmp_path, tiny_mod
     args = ["--model", tiny_model_dir, "--data", data, "--max-steps", "3", "--logging-steps", "1", "--learning-rate",
             "1e-3", "--precision", "fp32", "--device", "cpu", "--no-progress"]
     assert main(["reward", "train", *map(str, args), "--batch-size", "8", "--output-dir", str(tmp_path / "one")]) == 0
-    launch([*TORCHRUN[:-1], "reward", "train"], [*args, "--batch-size", "4", "--output-dir", tmp_path / "two"], tmp_path)
+    launch([*TORCHRUN[:-1], "reward", "train"], [*args, "--batch-size", "4", "--output-dir", tmp_path / "two"],
+           tmp_path)
     one, two = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
                 for d in ("one", "two"))
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-5)

@@ -195,13 +195,14 @@ def score_completions(model: torch.nn.Module, tokenizer, prompts: Sequence, comp
     rows = [t.prompt_ids + t.chosen_ids for t in tokenized]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)
     device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # masked out
     scores = [math.nan] * len(rows)
     was_training = model.training
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
         part = order[start:start + batch_size]
         width = max(len(rows[i]) for i in part)
-        ids = torch.full((len(part), width), tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(part), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(part), width), dtype=torch.long)
         for k, i in enumerate(part):
             ids[k, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import textwrap
 
 from .errors import ConfigError, DataError
@@ -30,7 +29,7 @@ def add_reward_command(sub, formatter) -> None:
     from .cli import add_config_arguments
     from .config import TrainConfig
 
-    reward = sub.add_parser("reward", help="train a Bradley–Terry reward model on preference pairs, or score with one",
+    reward = sub.add_parser("reward", help="train a Bradley–Terry reward model on pairs, or score with one",
                             description=textwrap.fill(
                                 "A reward model is the causal LM with a one-output score head "
                                 "(AutoModelForSequenceClassification, num_labels=1); its reward r(x, y) is read at "
