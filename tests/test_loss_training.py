@@ -30,7 +30,7 @@ def one_thread():
 # Per-loss settings for the test: simpo's beta is the paper's scale; discopop's paper tau = 0.05 has a local
 # minimum just below h = 0 (see test_losses.py), so from policy = reference it is trained with a larger tau.
 OVERRIDES = {"simpo": dict(beta=2.0), "robust": dict(label_smoothing=0.1), "discopop": dict(discopop_tau=0.2)}
-CASES = [(name, OVERRIDES.get(name, {})) for name in sorted(LOSSES) if name not in ("dpo", "kto")] + [
+CASES = [(name, OVERRIDES.get(name, {})) for name in sorted(LOSSES) if name not in ("dpo", "kto", "reward")] + [
     ("sigmoid,sft", dict(loss_weights="1,0.5")),
     ("sigmoid", dict(f_divergence="js")),
     ("sigmoid", dict(f_divergence="alpha", f_alpha=0.5)),

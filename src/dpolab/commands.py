@@ -1,4 +1,5 @@
-"""``dpolab demo``, ``dpolab generate`` and ``dpolab eval``: parsers and what each runs.
+"""``dpolab demo``, ``dpolab generate`` and ``dpolab eval``: parsers and what each runs (``dpolab reward``
+lives in ``reward_cli.py`` and is registered here).
 
 ``cli.py`` owns the program and ``train``; this module adds the commands built around the trainer.
 Heavy imports (torch, transformers) happen inside the runners, so ``--help`` stays fast. Every
@@ -79,13 +80,18 @@ def add_commands(sub, formatter) -> None:
     ev.add_argument("--data", metavar="PAIRS", help="held-out preference pairs (any format dpolab train reads)")
     ev.add_argument("--prompts", metavar="FILE", help="held-out prompts: one per line, or JSONL rows with 'prompt'")
     ev.add_argument("--judge", metavar="MODULE:FUNCTION", help="reward function (prompts, completions) -> "
-                    "rewards, e.g. dpolab.demo.grammar:review_reward; needs --prompts")
+                    "rewards, e.g. dpolab.demo.grammar:review_reward, or a reward model folder (dpolab reward "
+                    "train's OUTPUT_DIR/final); needs --prompts")
     ev.add_argument("--beta", type=float, metavar="X", help="β of the implicit reward β·(log π − log π_ref) "
                     "(default: the run's β when --model is a dpolab run's final/ folder, else 0.1)")
     ev.add_argument("--max-length", type=int, default=1024, metavar="N", help="longest prompt + completion of a pair")
     ev.add_argument("--max-prompt-length", type=int, default=512, metavar="N", help="longest prompt of a pair")
     _add_sampling_arguments(ev)
     ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to this file")
+
+    from .reward_cli import add_reward_command  # dpolab reward train|score
+
+    add_reward_command(sub, formatter)
 
 
 def _add_sampling_arguments(parser) -> None:
@@ -134,8 +140,9 @@ def run_generate(ns: argparse.Namespace) -> int:
 
 
 def run_eval(ns: argparse.Namespace) -> int:
-    from .evaluate import evaluate_by_sampling, load_judge, run_config
+    from .evaluate import evaluate_by_sampling, run_config
     from .generate import check_sampling, read_prompts
+    from .judges import load_judge
 
     if not ns.data and not ns.prompts:
         raise ConfigError("data", "nothing to evaluate", "give --data PAIRS and/or --prompts FILE")
@@ -143,7 +150,7 @@ def run_eval(ns: argparse.Namespace) -> int:
         raise ConfigError("judge", "a judge scores sampled completions and needs prompts", "add --prompts FILE")
     check_sampling(num_samples=1, max_new_tokens=ns.max_new_tokens, temperature=1.0, top_p=1.0,
                    batch_size=ns.batch_size)
-    judge = load_judge(ns.judge) if ns.judge else None
+    judge = load_judge(ns.judge, device=ns.device, batch_size=ns.batch_size) if ns.judge else None
     prompts = read_prompts(ns.prompts) if ns.prompts else None
     run = run_config(ns.model)  # a dpolab run's final/: its starting model and β are the defaults
     reference_path = ns.reference or run.get("model")
@@ -195,4 +202,10 @@ def _eval_pairs(ns, policy, reference, tokenizer) -> dict:
     return evaluate_pairs(policy, reference, pairs, config, rt, tokenizer.pad_token_id)
 
 
-RUNNERS = {"demo": run_demo, "generate": run_generate, "eval": run_eval}
+def run_reward(ns: argparse.Namespace) -> int:
+    from .reward_cli import run_reward as run
+
+    return run(ns)
+
+
+RUNNERS = {"demo": run_demo, "generate": run_generate, "eval": run_eval, "reward": run_reward}

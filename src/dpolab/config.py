@@ -44,7 +44,7 @@ class TrainConfig:
 
     # --- the objective -------------------------------------------------------------------------
     loss: str = "sigmoid"
-    """Loss from the registry (see the README's loss table): sigmoid (DPO; alias dpo), robust, hinge, ipo, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, dpop, sigmoid_norm; reference-free simpo, cpo, orpo, sft; kto (unpaired examples). A comma list trains on their weighted sum (e.g. sigmoid,sft)."""
+    """Loss from the registry (see the README's loss table): sigmoid (DPO; alias dpo), robust, hinge, ipo, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, dpop, sigmoid_norm; reference-free simpo, cpo, orpo, sft; kto (unpaired examples); bradley_terry (alias reward) trains a reward model instead of a policy (dpolab reward train). A comma list trains on their weighted sum (e.g. sigmoid,sft)."""
     loss_weights: Optional[str] = None
     """Comma-separated weights, one per --loss name, for a mix of losses (e.g. 0.8,0.2); default 1 each."""
     beta: float = 0.1

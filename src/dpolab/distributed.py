@@ -69,14 +69,15 @@ def runtime(device: str = "auto", precision: str = "auto") -> Iterator[Runtime]:
 
 
 class _Scorer(torch.nn.Module):
-    """``batch_logps(model, batch)`` as one module's forward: what DDP wraps."""
+    """``batch_logps(model, batch)`` as one module's forward: what DDP wraps. ``fn`` replaces
+    ``batch_logps`` for a loss with its own forward (the reward model's ``dpolab.reward.batch_rewards``)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch) -> Tensor:
-        return batch_logps(self.model, batch)
+    def forward(self, batch, fn=None) -> Tensor:
+        return (fn or batch_logps)(self.model, batch)
 
 
 class DataParallelPolicy:
@@ -91,8 +92,8 @@ class DataParallelPolicy:
         # need not search the graph for unused ones (its default).
         self.ddp = DistributedDataParallel(_Scorer(model), device_ids=ids)
 
-    def score_batch(self, batch) -> Tensor:
-        return self.ddp(batch)
+    def score_batch(self, batch, fn=None) -> Tensor:
+        return self.ddp(batch, fn=fn)
 
     def no_sync(self):
         return self.ddp.no_sync()

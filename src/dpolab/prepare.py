@@ -55,21 +55,28 @@ def load_tokenizer(config: TrainConfig):
     return tok
 
 
-def load_model(config: TrainConfig, rt: Runtime) -> torch.nn.Module:
+def load_model(config: TrainConfig, rt: Runtime, pad_token_id: int | None = None) -> torch.nn.Module:
     """The policy, with fp32 master weights (bf16 compute comes from autocast) and dropout off; with LoRA
-    (``--lora-r``, or an adapter folder as ``--model``) wrapped by peft (``dpolab.lora``)."""
+    (``--lora-r``, or an adapter folder as ``--model``) wrapped by peft (``dpolab.lora``). For the reward
+    loss, the causal LM with a one-output score head (``dpolab.reward.load_score_model``), whose config
+    gets ``pad_token_id`` (the tokenizer's)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if not config.progress:
         hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(lora.base_model_path(config.model), dtype=torch.float32,
-                                                     trust_remote_code=config.trust_remote_code,
-                                                     use_safetensors=None if config.allow_pickle else True)
-    except (OSError, ValueError) as e:
-        raise ConfigError("model", f"cannot load a causal LM from '{config.model}': {_first_line(e)}",
-                          "pass a folder written by save_pretrained or a hub model name") from None
+    if getattr(get_loss(config.loss), "sequence_classifier", False):
+        from .reward import load_score_model
+
+        model = load_score_model(config, pad_token_id, say=print if rt.is_main else None)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(lora.base_model_path(config.model), dtype=torch.float32,
+                                                         trust_remote_code=config.trust_remote_code,
+                                                         use_safetensors=None if config.allow_pickle else True)
+        except (OSError, ValueError) as e:
+            raise ConfigError("model", f"cannot load a causal LM from '{config.model}': {_first_line(e)}",
+                              "pass a folder written by save_pretrained or a hub model name") from None
     disable_dropout(model)
     model.config.use_cache = False
     if config.gradient_checkpointing:

@@ -72,8 +72,8 @@ class ShardedPolicy:
         # the optimizer built next got those: the root's weights (embeddings, LM head) never trained.
         self.scorer = fully_shard(_Scorer(model), mp_policy=policy, reshard_after_forward=True)
 
-    def score_batch(self, batch) -> Tensor:
-        return self.scorer(batch)
+    def score_batch(self, batch, fn=None) -> Tensor:
+        return self.scorer(batch, fn=fn)
 
     @property
     def training(self) -> bool:

@@ -29,9 +29,11 @@ def pair_losses(model: torch.nn.Module, batch: PairBatch, reference, loss_fn: Lo
     One forward of the policy over both halves of the batch (chosen and rejected rows), one lookup of
     the reference (none for reference-free losses); the loss's objective turns the log-probs into
     losses: ``preference_objective`` for pairwise losses (with f-divergence and WPO), KTO its own.
+    A loss with its own ``forward`` (the reward model's scores) replaces the log-prob forward.
     """
+    forward = getattr(loss_fn, "forward", None) or pair_logps
     with rt.autocast():
-        policy = pair_logps(model, batch)
+        policy = forward(model, batch)
     ref = reference.logps(batch, split) if reference is not None else (None, None)
     objective = getattr(loss_fn, "objective", None) or preference_objective
     beta = config.beta if beta is None else beta

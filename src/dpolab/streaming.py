@@ -17,6 +17,7 @@ Eval data (``--eval-data``) is loaded in memory as without ``--streaming``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -76,8 +77,7 @@ class PairStream:
                 problems["prompt_truncated"] = chunk[stats.first_prompt_truncated].row
             if config.strict and problems:
                 _refuse(config, problems)
-            yield offset, len(chunk), [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.index + offset)
-                                       for p in tokenized]
+            yield offset, len(chunk), [dataclasses.replace(p, index=p.index + offset) for p in tokenized]
             offset += len(chunk)
         if config.strict and counts.first_dropped:
             _refuse(config, counts.first_dropped)
@@ -203,7 +203,7 @@ def build_reference(model, splits: dict, rt, *, cache_dir: Path, batch_size: int
         with open(tmp, "wb") as handle:
             for offset, n, tokenized in stream.chunks():
                 rows = torch.full((n, 2), float("nan"))
-                local = [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.index - offset) for p in tokenized]
+                local = [dataclasses.replace(p, index=p.index - offset) for p in tokenized]
                 if local:
                     scored = score_pairs(model, local, rt, progress=False, **kwargs)
                     rows[: len(scored)] = scored

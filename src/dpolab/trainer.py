@@ -118,11 +118,14 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
         read_config(config.deepspeed)
     tokenizer = load_tokenizer(config)
     data = prepare_data(config, tokenizer, cache_dir=Path(config.output_dir) / "cache")  # raises on bad input
-    model = load_model(config, rt)
+    model = load_model(config, rt, pad_token_id=tokenizer.pad_token_id)
     if config.activation_offloading and rt.device.type != "cuda":
         say(f"note: --activation-offloading moves activations from GPU to CPU memory; on {rt.device} they are "
             "already in CPU memory, so it does nothing")
-    if (config.prefix_sharing or config.packing) and not supports_custom_layout(model):
+    if getattr(get_loss(config.loss), "plain_rows", False) and (config.prefix_sharing or config.packing):
+        # a reward model reads each sequence's last token: one sequence per padded row (dpolab.losses.reward)
+        config = dataclasses.replace(config, prefix_sharing=False, packing=False)
+    elif (config.prefix_sharing or config.packing) and not supports_custom_layout(model):
         say(f"note: {type(model).__name__} with attention '{model.config._attn_implementation}' does not take "
             "the masks of prefix sharing and packing; training with plain padded rows")
         config = dataclasses.replace(config, prefix_sharing=False, packing=False)

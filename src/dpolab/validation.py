@@ -1,7 +1,8 @@
 """Validation of ``TrainConfig``: each rule raises a ``ConfigError`` naming the field, the problem and the fix.
 
 ``TrainConfig.__post_init__`` calls ``validate``; options of larger features validate in their own
-modules (``dpolab.control.validate``: β schedules and KL control).
+modules (``dpolab.control.validate``: β schedules and KL control; ``dpolab.reward.validate``: the
+reward-model loss).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from .config import REQUIRED, _suggest
 def validate(c) -> None:
     """Every rule, in the order a user would fix them (required fields first)."""
     from .control import validate as _validate_control  # late import, as for the losses
+    from .reward import validate as _validate_reward
 
     _validate(c)
+    _validate_reward(c)  # the reward-model loss: before the loss mix is built (dpolab.reward.validate)
     _validate_objective(c)
     _validate_lora(c)
     _validate_fsdp(c)

@@ -142,8 +142,8 @@ class DeepSpeedPolicy:
         init_process_group(rt)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=_Scorer(model), config=raw, **kwargs)
 
-    def score_batch(self, batch) -> Tensor:
-        return self.engine(batch)
+    def score_batch(self, batch, fn=None) -> Tensor:
+        return self.engine(batch, fn=fn)
 
     def backward(self, loss: Tensor) -> None:
         """dpolab weighs each pair itself (loss / pairs in the step), so DeepSpeed must not divide by

@@ -9,7 +9,7 @@ its chat template), ``max_length``, ``max_prompt_length``, ``strict``, the held-
 
 The file holds, per split (``train``, ``eval``) and per field (``prompt``, ``chosen``, ``rejected``),
 the token ids of all pairs concatenated (int32) and each pair's length (int32), plus the pairs' indices
-(int64); the summary lines printed for the data sit in the file's metadata.
+(int64) and margins (float64, NaN for none); the summary lines printed for the data sit in the file's metadata.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import torch
 
 from dpolab.data.tokenize import TokenizedPair
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when tokenization rules change: old cache files then no longer match."""
 
 _FIELDS = ("prompt", "chosen", "rejected")
+_NO_MARGIN = float("nan")
 
 
 def source_fingerprint(source: str | None, split: str) -> dict | None:
@@ -90,6 +91,8 @@ def save(path: Path, splits: dict[str, list[TokenizedPair]], summary: list[str])
         if not pairs:
             continue
         tensors[f"{name}.index"] = torch.tensor([p.index for p in pairs], dtype=torch.int64)
+        tensors[f"{name}.margin"] = torch.tensor([_NO_MARGIN if p.margin is None else p.margin for p in pairs],
+                                                 dtype=torch.float64)
         for field in _FIELDS:
             rows = [getattr(p, f"{field}_ids") for p in pairs]
             tensors[f"{name}.{field}.lengths"] = torch.tensor([len(r) for r in rows], dtype=torch.int32)
@@ -128,4 +131,5 @@ def _unpack(tensors: dict[str, torch.Tensor], name: str) -> list[TokenizedPair]:
             rows.append(ids[start:start + length])
             start += length
         columns.append(rows)
-    return [TokenizedPair(p, c, r, i) for p, c, r, i in zip(*columns, indices)]
+    margins = [None if m != m else m for m in tensors[f"{name}.margin"].tolist()]  # NaN: no margin
+    return [TokenizedPair(p, c, r, i, margin=m) for p, c, r, i, m in zip(*columns, indices, margins)]

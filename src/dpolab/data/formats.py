@@ -18,8 +18,9 @@ KTO (``--loss kto``) also reads unpaired examples, ``{"prompt": str | [messages]
 [messages] | message, "label": bool}`` (``to_examples``; see ``UNPAIRED``), and splits preference pairs
 into one desirable and one undesirable example each.
 
-A message is ``{"role": "system" | "user" | "assistant" | "tool", "content": str}``. Keys other than
-``prompt``/``chosen``/``rejected`` are ignored (datasets often carry ids and scores). Text is kept
+A message is ``{"role": "system" | "user" | "assistant" | "tool", "content": str}``. An optional number
+``margin`` (how much better chosen is; the reward-model loss uses it) is read into ``PreferencePair.margin``.
+Other keys are ignored (datasets often carry ids and scores). Text is kept
 verbatim, whitespace included, because it changes tokenization. Pairs whose chosen and rejected
 completions are equal teach nothing and are dropped (counted in ``LoadedData.dropped``).
 """
@@ -305,7 +306,24 @@ def iter_pairs(rows: Iterable[tuple[int, dict]], counts: LoadedData) -> Iterator
             counts.dropped["identical"] = counts.dropped.get("identical", 0) + 1
             counts.first_dropped.setdefault("identical", number)
             continue
-        yield PreferencePair(prompt, chosen, rejected, source=source, row=number)
+        yield PreferencePair(prompt, chosen, rejected, source=source, row=number,
+                             margin=_margin(row))
+
+
+def _margin(row: _Row) -> float | None:
+    """The row's optional ``margin``: a finite number (text such as "0.5" from CSV too); absent, null or
+    blank is None."""
+    value = row.data.get("margin")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number != number or number in (float("inf"), float("-inf")):
+        raise row.error(f"expected a finite number, found {describe(value)}", field="margin",
+                        fix="give how much better chosen is than rejected as a number (e.g. 1.5), or leave it out")
+    return number
 
 
 def _reasons(dropped: dict[str, int]) -> str:

@@ -8,7 +8,7 @@ labelled desirable or undesirable, reads ``UnpairedExample`` instead (and pairs 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 Message = dict  # {"role": str, "content": str}
 Text = Union[str, list]  # plain text, or a list of chat messages
@@ -31,6 +31,9 @@ class PreferencePair:
     """Where the pair came from (file or dataset name), for error messages."""
     row: int = 0
     """1-based row number within ``source`` (0 when unknown)."""
+    margin: Optional[float] = None
+    """How much better chosen is than rejected (a row's optional ``margin`` column); only the Bradley–Terry
+    reward loss uses it (−log σ(r_w − r_l − margin)), every other loss ignores it."""
 
     @property
     def conversational(self) -> bool:

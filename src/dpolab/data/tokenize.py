@@ -50,7 +50,9 @@ counted separately) were truncated, and how many completions used the boundary f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 from tqdm.auto import tqdm
 
@@ -77,6 +79,8 @@ class TokenizedPair:
     """Completion tokens only, ending with EOS unless truncated."""
     index: int
     """Position of the pair in the input list: a stable id, used as a cache key."""
+    margin: Optional[float] = None
+    """``PreferencePair.margin``: the reward-model loss's required margin for this pair (None: 0)."""
 
 
 @dataclass
@@ -137,7 +141,7 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, *, max_length: int,
                 item = _fit(start + offset, encoded, max_length, max_prompt_length, specials, stats,
                             keep_identical)
                 if item is not None:
-                    kept.append(item)
+                    kept.append(_with_margin(item, chunk[offset]))
             bar.update(len(chunk))
     stats.kept = len(kept)
     return kept, stats
@@ -162,7 +166,7 @@ def _tokenize_parallel(pairs: list[PreferencePair], tokenizer, num_proc: int,
     kept: list[TokenizedPair] = []
     stats = TokenizeStats()
     for start, (part, part_stats) in zip(starts, results):
-        kept += [TokenizedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.index + start) for p in part]
+        kept += [dataclasses.replace(p, index=p.index + start) for p in part]
         for reason, n in part_stats.dropped.items():
             stats.dropped[reason] = stats.dropped.get(reason, 0) + n
         for reason, index in part_stats.first_dropped.items():
@@ -336,6 +340,12 @@ def _fit(index: int, encoded, max_length: int, max_prompt_length: int, specials:
     stats.completion_truncated += int(chosen_cut) + int(rejected_cut)
     stats.boundary_fallbacks += fallbacks
     return TokenizedPair(prompt, chosen, rejected, index)
+
+
+def _with_margin(item: TokenizedPair, pair: PreferencePair) -> TokenizedPair:
+    """The pair's optional margin carried over to its ids."""
+    margin = getattr(pair, "margin", None)
+    return item if margin is None else dataclasses.replace(item, margin=float(margin))
 
 
 def _keep_last(ids: list[int], keep: int, bos_id: int | None) -> tuple[list[int], bool]:
