@@ -47,6 +47,7 @@ class PairBatch(Rows, _Rows):
     chosen_lengths: Tensor = None   # [B] completion token counts
     rejected_lengths: Tensor = None  # [B]
     tokens: int = 0
+    objective: Tensor = None        # [B] long, TokenizedPair.objective (-1: untagged; dpolab.objectives)
 
 
 @dataclass
@@ -83,6 +84,7 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, ld_alpha: fl
         chosen_lengths=torch.tensor([len(c) for c in chosen], dtype=torch.long),
         rejected_lengths=torch.tensor([len(c) for c in rejected], dtype=torch.long),
         tokens=sum(map(item_tokens, pairs)),
+        objective=torch.tensor([p.objective for p in pairs], dtype=torch.long),
     )
 
 

@@ -20,7 +20,8 @@ into one desirable and one undesirable example each.
 
 A message is ``{"role": "system" | "user" | "assistant" | "tool", "content": str}``. Keys other than
 ``prompt``/``chosen``/``rejected`` are ignored (datasets often carry ids and scores). Text is kept
-verbatim, whitespace included, because it changes tokenization. Pairs whose chosen and rejected
+verbatim, whitespace included, because it changes tokenization. An optional ``objective`` column names
+the objective a pair was ranked by (multi-objective DPO, ``--objective``; see ``dpolab.objectives``). Pairs whose chosen and rejected
 completions are equal teach nothing and are dropped (counted in ``LoadedData.dropped``).
 """
 
@@ -305,7 +306,18 @@ def iter_pairs(rows: Iterable[tuple[int, dict]], counts: LoadedData) -> Iterator
             counts.dropped["identical"] = counts.dropped.get("identical", 0) + 1
             counts.first_dropped.setdefault("identical", number)
             continue
-        yield PreferencePair(prompt, chosen, rejected, source=source, row=number)
+        yield PreferencePair(prompt, chosen, rejected, source=source, row=number, objective=_objective(row))
+
+
+def _objective(row: _Row) -> str | None:
+    """The optional ``objective`` column (multi-objective DPO, ``dpolab.objectives``): an objective's name."""
+    value = row.data.get("objective")
+    if value is None:  # no column, or a null in columnar storage
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise row.error(f"expected the name of an objective (text), found {describe(value)}", field="objective",
+                        fix="write the objective's name as given to --objective (e.g. helpful), or remove the column")
+    return value.strip()
 
 
 def _reasons(dropped: dict[str, int]) -> str:

@@ -8,7 +8,7 @@ labelled desirable or undesirable, reads ``UnpairedExample`` instead (and pairs 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 Message = dict  # {"role": str, "content": str}
 Text = Union[str, list]  # plain text, or a list of chat messages
@@ -31,6 +31,8 @@ class PreferencePair:
     """Where the pair came from (file or dataset name), for error messages."""
     row: int = 0
     """1-based row number within ``source`` (0 when unknown)."""
+    objective: Optional[str] = None
+    """Multi-objective DPO (``--objective``): the objective this pair was ranked by (the data's ``objective`` column, or the objective whose own file it came from); None when untagged."""
 
     @property
     def conversational(self) -> bool:

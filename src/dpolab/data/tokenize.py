@@ -77,6 +77,8 @@ class TokenizedPair:
     """Completion tokens only, ending with EOS unless truncated."""
     index: int
     """Position of the pair in the input list: a stable id, used as a cache key."""
+    objective: int = -1
+    """Multi-objective DPO: the pair's objective as a position in ``--objective`` (-1: untagged)."""
 
 
 @dataclass
