@@ -210,3 +210,14 @@ def test_objectives_refuse_streaming_and_unpaired_losses():
         TrainConfig(**BASE, objective=["a=1"], streaming=True, max_steps=3)
     with pytest.raises(ConfigError, match="'objective': weighs preference pairs, not 'kto'"):
         TrainConfig(**BASE, objective=["a=1"], loss="kto")
+
+
+def test_cli_reports_an_unknown_objective_in_one_line(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", tagged_rows(["a", "b"]))
+    out = tmp_path / "out"
+    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
+                     "--objective", "a=1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "d.jsonl, row 2, field 'objective': unknown objective 'b'" in err
+    assert not out.exists()  # nothing written before the data validates
