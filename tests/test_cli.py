@@ -312,7 +312,7 @@ SAMPLES = {
     "lora_target_modules": "q_proj,v_proj", "merge_lora": True, "num_proc": 2,
     "beta_schedule": "linear", "beta_start": 0.5, "beta_end": 0.05, "kl_eval_steps": 5, "kl_prompts": 16,
     "kl_max_new_tokens": 32, "target_kl": 6.0, "kl_adapt_rate": 0.5, "max_kl": 20.0,
-    "streaming": True,
+    "streaming": True, "objective": ["helpful=0.7", "harmless=0.3:harmless.jsonl"],
 }
 NEEDS = {"eval_steps": {"eval_data": "heldout.jsonl"},
          "early_stopping_patience": {"eval_data": "heldout.jsonl", "eval_steps": 4},
@@ -335,6 +335,9 @@ def as_flags(values: dict) -> list[str]:
     args = []
     for name, value in values.items():
         flag = name.replace("_", "-")
+        if isinstance(value, list):  # a repeatable flag (--objective): once per item
+            args += [a for item in value for a in (f"--{flag}", str(item))]
+            continue
         args += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     return args
 

@@ -45,6 +45,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if "const" in f.metadata:  # flag alone means the const (e.g. --resume = latest checkpoint)
             parser.add_argument(flag, dest=f.name, nargs="?", const=f.metadata["const"], default=argparse.SUPPRESS,
                                 help=help_text, metavar="PATH")
+        elif "repeat" in f.metadata:  # a list field: the flag once per item (e.g. --objective a=1 --objective b=2)
+            parser.add_argument(flag, dest=f.name, action="append", default=argparse.SUPPRESS, help=help_text,
+                                metavar=f.metadata["repeat"])
         elif base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)

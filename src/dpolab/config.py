@@ -47,6 +47,8 @@ class TrainConfig:
     """Loss from the registry (see the README's loss table): sigmoid (DPO; alias dpo), robust, hinge, ipo, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, dpop, sigmoid_norm; reference-free simpo, cpo, orpo, sft; kto (unpaired examples); bradley_terry (alias reward) trains a reward model instead of a policy (dpolab reward train). A comma list trains on their weighted sum (e.g. sigmoid,sft)."""
     loss_weights: Optional[str] = None
     """Comma-separated weights, one per --loss name, for a mix of losses (e.g. 0.8,0.2); default 1 each."""
+    objective: Optional[list[str]] = field(default=None, metadata={"repeat": "NAME=WEIGHT[:PATH]"})
+    """Multi-objective DPO: repeat once per objective, e.g. --objective helpful=0.7 --objective harmless=0.3. Pairs name their objective in an 'objective' column; NAME=WEIGHT:PATH trains NAME on the pairs of its own file PATH; untagged pairs belong to the one objective given without a PATH. The loss is sum_k w_k x (mean loss over objective k's pairs) / sum_k w_k."""
     beta: float = 0.1
     """Strength of the KL constraint to the reference: higher stays closer to it. For simpo it scales the per-token margin (the paper uses about 2); for orpo it weighs the odds-ratio term."""
     label_smoothing: float = 0.0
@@ -204,6 +206,9 @@ class TrainConfig:
         for name in ("loss", "loss_weights"):  # YAML lists, e.g. loss: [sigmoid, sft], read as a comma list
             if isinstance(getattr(self, name), (list, tuple)):
                 setattr(self, name, ",".join(str(v) for v in getattr(self, name)))
+        from .objectives import normalise  # YAML forms: a list, or a mapping name: weight
+
+        self.objective = normalise(self.objective)
         _coerce_types(self)
         validate(self)
 
@@ -291,6 +296,10 @@ def _coerce_types(cfg: Any) -> None:
 
 
 def _convert(name: str, value: Any, base: type, choices: tuple | None) -> Any:
+    if typing.get_origin(base) is list:  # a repeatable flag (e.g. --objective): each item converted alike
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(name, f"expected a list, got {type(value).__name__} {value!r}", "write a YAML list")
+        return [_convert(name, v, typing.get_args(base)[0], choices) for v in value]
     if base is bool:
         if isinstance(value, bool):
             return value

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import lora
+from . import lora, objectives
 from .config import TrainConfig
 from .data import cache as token_cache
 from .data.examples import TokenizedExample, tokenize_examples
@@ -230,17 +230,27 @@ def save_token_cache(data: PreparedData) -> None:
 def _prepare_pairs(config: TrainConfig, tokenizer) -> PreparedData:
     loaded, eval_loaded, summary = _load_sources(config, load_pairs, _load_line)
     train_pairs, eval_pairs = loaded.pairs, []
+    if config.objective:  # the objectives' own files join --data's pairs (dpolab.objectives)
+        extra, lines = objectives.load_files(config, load_pairs, _check_strict)
+        train_pairs, summary = train_pairs + extra, summary + lines
     if eval_loaded is not None:
         eval_pairs = eval_loaded.pairs
     elif config.eval_split > 0:
+        total = len(train_pairs)
         train_pairs, eval_pairs = split_pairs(train_pairs, config.eval_split, config.seed, config.data)
-        summary.append(f"eval: {len(eval_pairs):,} pairs held out of {len(loaded.pairs):,} "
-                       f"(--eval-split {config.eval_split})")
+        summary.append(f"eval: {len(eval_pairs):,} pairs held out of {total:,} (--eval-split {config.eval_split})")
+    tags = {"train": objectives.tag(config, train_pairs), "eval": objectives.tag(config, eval_pairs)} \
+        if config.objective else None  # before tokenizing: an unknown objective fails fast
     train, lines = _tokenize("train", config.data, train_pairs, tokenizer, config)
     result = PreparedData(train=train, summary=summary + lines)
     if eval_pairs:
         result.eval, lines = _tokenize("eval", config.eval_data or config.data, eval_pairs, tokenizer, config)
         result.summary += lines
+    if tags is not None:
+        result.train, result.eval = objectives.attach(result.train, tags["train"]), objectives.attach(
+            result.eval, tags["eval"])
+        objectives.check_counts(config, config.data, result.train)
+        result.summary.append(objectives.summary_line(config, {"train": result.train, "eval": result.eval}))
     return result
 
 

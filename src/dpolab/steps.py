@@ -21,10 +21,13 @@ from .runtime import Runtime
 
 
 def pair_losses(model: torch.nn.Module, batch: PairBatch, reference, loss_fn: LossFn, config: TrainConfig,
-                rt: Runtime, split: str, beta: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                rt: Runtime, split: str, beta: float | None = None,
+                objectives=None) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-pair losses [B] (fp32, differentiable) and per-pair metrics for one batch on ``rt.device``.
 
     ``beta``: the β of this step (``dpolab.control``: scheduled / adaptive); None takes ``config.beta``.
+    ``objectives``: --objective's ``dpolab.objectives.ObjectiveScales``: each pair's loss is weighted by
+    its objective (the sum over a batch then estimates the weighted loss) and per-objective metrics added.
 
     One forward of the policy over both halves of the batch (chosen and rejected rows), one lookup of
     the reference (none for reference-free losses); the loss's objective turns the log-probs into
@@ -37,7 +40,10 @@ def pair_losses(model: torch.nn.Module, batch: PairBatch, reference, loss_fn: Lo
     ref = reference.logps(batch, split) if reference is not None else (None, None)
     objective = getattr(loss_fn, "objective", None) or preference_objective
     beta = config.beta if beta is None else beta
-    return objective(loss_fn, policy, ref, batch, beta=beta, **config.loss_hyperparameters())
+    losses, metrics = objective(loss_fn, policy, ref, batch, beta=beta, **config.loss_hyperparameters())
+    if objectives is not None:  # the loss functions stay pure: the weights multiply their output
+        losses, metrics = objectives.apply(losses, metrics, batch, split)
+    return losses, metrics
 
 
 COUNT = "count:"
@@ -89,9 +95,9 @@ class MetricSums:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, pairs: list[TokenizedPair], reference, loss_fn: LossFn, config: TrainConfig,
-             rt: Runtime, pad_token_id: int, beta: float | None = None) -> dict[str, float]:
-    """Mean loss and preference metrics over held-out pairs, keys prefixed ``eval_`` (at ``beta``, as
-    ``pair_losses``)."""
+             rt: Runtime, pad_token_id: int, beta: float | None = None, objectives=None) -> dict[str, float]:
+    """Mean loss and preference metrics over held-out pairs, keys prefixed ``eval_`` (at ``beta``, with
+    ``objectives``, as ``pair_losses``)."""
     was_training = model.training
     model.eval()
     sums = MetricSums()
@@ -102,7 +108,8 @@ def evaluate(model: torch.nn.Module, pairs: list[TokenizedPair], reference, loss
     for start in starts:
         part = pairs[start:start + size]
         batch = collate(part or pairs[:1], pad_token_id, ld_alpha=config.ld_alpha, layout=config.layout)
-        _, metrics = pair_losses(model, batch.to(rt.device), reference, loss_fn, config, rt, "eval", beta)
+        _, metrics = pair_losses(model, batch.to(rt.device), reference, loss_fn, config, rt, "eval", beta,
+                                 objectives)
         if part:
             sums.add(metrics)
     model.train(was_training)

@@ -31,6 +31,7 @@ from .data.tokenize import TokenizedPair
 from .errors import TrainingStopped
 from .logprobs import supports_custom_layout
 from .losses import get_loss
+from .objectives import ObjectiveScales
 from .prepare import (PreparedData, check_output_dir, check_tracker, load_model, load_tokenizer, prepare_data,
                       prepare_output_dir, save_token_cache)
 from .reference import ModelReference, PrecomputedReference, data_fingerprint, sync_reference
@@ -159,6 +160,7 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
                     ld_alpha=config.ld_alpha, layout=config.layout)
     optimizer = sharded.optimizer if config.deepspeed else build_optimizer(model, config)  # FSDP: on the shards
     run = _Run(config, rt, model, tokenizer, data, reference, loss_fn, out, say, optimizer, info)
+    run.objectives = ObjectiveScales.build(config, {"train": data.train, "eval": data.eval})  # --objective
     if config.kl_eval_steps:  # from the initial weights, before the resume (dpolab.control)
         run.kl_monitor = KLMonitor(model, reference, kl_prompt_ids(data, config.kl_prompts), tokenizer, config, rt)
     if resume_from is not None:
@@ -211,6 +213,8 @@ class _Run:
     """--kl-eval-steps: samples KL(π‖π_ref); built from the initial weights, before any resume."""
     beta: float | None = None
     """The β of the current step (``dpolab.control``); None before the first: ``config.beta``."""
+    objectives: ObjectiveScales | None = None
+    """--objective: per-pair weights of each objective and per-objective metrics (``dpolab.objectives``)."""
 
     def loop(self) -> TrainResult:
         config, rt, state = self.config, self.rt, self.state
@@ -283,7 +287,7 @@ class _Run:
             state.tokens += int(rt.reduce_sum(torch.tensor(batch.num_tokens if counts else 0)))
             with distributed.gradient_sync(self.policy, last=k == len(micro_batches) - 1), self._offloading():
                 losses, metrics = pair_losses(self.policy, batch.to(rt.device), self.reference, self.loss_fn,
-                                              config, rt, "train", beta=self.beta)
+                                              config, rt, "train", beta=self.beta, objectives=self.objectives)
                 weight = rt.world_size / step_pairs if counts else 0.0
                 if engine is None:
                     (losses.sum() * weight).backward()  # DDP averages grads over processes
@@ -343,7 +347,7 @@ class _Run:
 
     def _evaluate(self, epoch: float) -> dict:
         metrics = evaluate(self._scorer(), self.data.eval, self.reference, self.loss_fn, self.config, self.rt,
-                           self.tokenizer.pad_token_id, beta=self.beta)
+                           self.tokenizer.pad_token_id, beta=self.beta, objectives=self.objectives)
         self.logger.log({"step": self.state.step, "epoch": round(epoch, 4), **metrics})
         return metrics
 

@@ -2,7 +2,7 @@
 
 ``TrainConfig.__post_init__`` calls ``validate``; options of larger features validate in their own
 modules (``dpolab.control.validate``: β schedules and KL control; ``dpolab.reward.validate``: the
-reward-model loss).
+reward-model loss; ``dpolab.objectives.validate``: multi-objective DPO).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ def validate(c) -> None:
     """Every rule, in the order a user would fix them (required fields first)."""
     from .control import validate as _validate_control  # late import, as for the losses
     from .reward import validate as _validate_reward
+    from .objectives import validate as _validate_objectives
 
     _validate(c)
     _validate_reward(c)  # the reward-model loss: before the loss mix is built (dpolab.reward.validate)
@@ -26,6 +27,7 @@ def validate(c) -> None:
     _validate_deepspeed(c)
     _validate_control(c)  # β schedule and KL control: dpolab.control.validate
     _validate_streaming(c)
+    _validate_objectives(c)  # multi-objective DPO: dpolab.objectives.validate
 
 
 def _check(ok: bool, field: str, problem: str, fix: str) -> None:

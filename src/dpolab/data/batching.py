@@ -48,6 +48,7 @@ class PairBatch(Rows, _Rows):
     rejected_lengths: Tensor = None  # [B]
     tokens: int = 0
     margins: Tensor = None           # [B] float, each pair's reward margin (0 where none); the reward loss uses it
+    objective: Tensor = None        # [B] long, TokenizedPair.objective (-1: untagged; dpolab.objectives)
 
 
 @dataclass
@@ -85,6 +86,7 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int, *, ld_alpha: fl
         rejected_lengths=torch.tensor([len(c) for c in rejected], dtype=torch.long),
         tokens=sum(map(item_tokens, pairs)),
         margins=torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32),
+        objective=torch.tensor([p.objective for p in pairs], dtype=torch.long),
     )
 
 

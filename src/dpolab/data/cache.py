@@ -9,7 +9,9 @@ its chat template), ``max_length``, ``max_prompt_length``, ``strict``, the held-
 
 The file holds, per split (``train``, ``eval``) and per field (``prompt``, ``chosen``, ``rejected``),
 the token ids of all pairs concatenated (int32) and each pair's length (int32), plus the pairs' indices
-(int64) and margins (float64, NaN for none); the summary lines printed for the data sit in the file's metadata.
+(int64), margins (float64, NaN for none) and objective ids (int64); the summary lines printed for the data sit in
+the file's metadata. With ``--objective`` the key also holds the objectives' names (their order decides the ids) and
+the fingerprints of their own data files.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from dpolab.data.tokenize import TokenizedPair
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Bump when tokenization rules change: old cache files then no longer match."""
 
 _FIELDS = ("prompt", "chosen", "rejected")
@@ -74,8 +76,19 @@ def cache_key(config, tokenizer) -> str:
         "max_length": config.max_length,
         "max_prompt_length": config.max_prompt_length,
         "strict": config.strict,
+        "objectives": _objectives_fingerprint(config),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _objectives_fingerprint(config) -> list | None:
+    """--objective: names in order (they decide each pair's objective id) and each objective file's fingerprint."""
+    from dpolab.objectives import parse  # late import: objectives imports the data modules
+
+    specs = getattr(config, "objective", None)
+    if not specs:
+        return None
+    return [[o.name, source_fingerprint(o.path, config.data_split)] for o in parse(specs)]
 
 
 def cache_path(cache_dir: Path, key: str) -> Path:
@@ -93,6 +106,7 @@ def save(path: Path, splits: dict[str, list[TokenizedPair]], summary: list[str])
         tensors[f"{name}.index"] = torch.tensor([p.index for p in pairs], dtype=torch.int64)
         tensors[f"{name}.margin"] = torch.tensor([_NO_MARGIN if p.margin is None else p.margin for p in pairs],
                                                  dtype=torch.float64)
+        tensors[f"{name}.objective"] = torch.tensor([p.objective for p in pairs], dtype=torch.int64)
         for field in _FIELDS:
             rows = [getattr(p, f"{field}_ids") for p in pairs]
             tensors[f"{name}.{field}.lengths"] = torch.tensor([len(r) for r in rows], dtype=torch.int32)
@@ -123,6 +137,7 @@ def load(path: Path) -> tuple[dict[str, list[TokenizedPair]], list[str]] | None:
 
 def _unpack(tensors: dict[str, torch.Tensor], name: str) -> list[TokenizedPair]:
     indices = tensors[f"{name}.index"].tolist()
+    objectives = tensors[f"{name}.objective"].tolist()
     columns = []
     for field in _FIELDS:
         ids = tensors[f"{name}.{field}.ids"].tolist()
@@ -132,4 +147,5 @@ def _unpack(tensors: dict[str, torch.Tensor], name: str) -> list[TokenizedPair]:
             start += length
         columns.append(rows)
     margins = [None if m != m else m for m in tensors[f"{name}.margin"].tolist()]  # NaN: no margin
-    return [TokenizedPair(p, c, r, i, margin=m) for p, c, r, i, m in zip(*columns, indices, margins)]
+    return [TokenizedPair(p, c, r, i, margin=m, objective=k)
+            for p, c, r, i, m, k in zip(*columns, indices, margins, objectives)]

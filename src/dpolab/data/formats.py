@@ -19,9 +19,10 @@ KTO (``--loss kto``) also reads unpaired examples, ``{"prompt": str | [messages]
 into one desirable and one undesirable example each.
 
 A message is ``{"role": "system" | "user" | "assistant" | "tool", "content": str}``. An optional number
-``margin`` (how much better chosen is; the reward-model loss uses it) is read into ``PreferencePair.margin``.
-Other keys are ignored (datasets often carry ids and scores). Text is kept
-verbatim, whitespace included, because it changes tokenization. Pairs whose chosen and rejected
+``margin`` (how much better chosen is; the reward-model loss uses it) is read into ``PreferencePair.margin``,
+and an optional ``objective`` column names the objective a pair was ranked by (multi-objective DPO,
+``--objective``; see ``dpolab.objectives``). Other keys are ignored (datasets often carry ids and scores).
+Text is kept verbatim, whitespace included, because it changes tokenization. Pairs whose chosen and rejected
 completions are equal teach nothing and are dropped (counted in ``LoadedData.dropped``).
 """
 
@@ -307,7 +308,7 @@ def iter_pairs(rows: Iterable[tuple[int, dict]], counts: LoadedData) -> Iterator
             counts.first_dropped.setdefault("identical", number)
             continue
         yield PreferencePair(prompt, chosen, rejected, source=source, row=number,
-                             margin=_margin(row))
+                             margin=_margin(row), objective=_objective(row))
 
 
 def _margin(row: _Row) -> float | None:
@@ -324,6 +325,17 @@ def _margin(row: _Row) -> float | None:
         raise row.error(f"expected a finite number, found {describe(value)}", field="margin",
                         fix="give how much better chosen is than rejected as a number (e.g. 1.5), or leave it out")
     return number
+
+
+def _objective(row: _Row) -> str | None:
+    """The optional ``objective`` column (multi-objective DPO, ``dpolab.objectives``): an objective's name."""
+    value = row.data.get("objective")
+    if value is None:  # no column, or a null in columnar storage
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise row.error(f"expected the name of an objective (text), found {describe(value)}", field="objective",
+                        fix="write the objective's name as given to --objective (e.g. helpful), or remove the column")
+    return value.strip()
 
 
 def _reasons(dropped: dict[str, int]) -> str:

@@ -34,6 +34,8 @@ class PreferencePair:
     margin: Optional[float] = None
     """How much better chosen is than rejected (a row's optional ``margin`` column); only the Bradley–Terry
     reward loss uses it (−log σ(r_w − r_l − margin)), every other loss ignores it."""
+    objective: Optional[str] = None
+    """Multi-objective DPO (``--objective``): the objective this pair was ranked by (the data's ``objective`` column, or the objective whose own file it came from); None when untagged."""
 
     @property
     def conversational(self) -> bool:

@@ -81,6 +81,8 @@ class TokenizedPair:
     """Position of the pair in the input list: a stable id, used as a cache key."""
     margin: Optional[float] = None
     """``PreferencePair.margin``: the reward-model loss's required margin for this pair (None: 0)."""
+    objective: int = -1
+    """Multi-objective DPO: the pair's objective as a position in ``--objective`` (-1: untagged)."""
 
 
 @dataclass
