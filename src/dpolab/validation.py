@@ -1,7 +1,7 @@
 """Validation of ``TrainConfig``: each rule raises a ``ConfigError`` naming the field, the problem and the fix.
 
 ``TrainConfig.__post_init__`` calls ``validate``; options of larger features validate in their own
-modules (``dpolab.control.validate``: β schedules and KL control).
+modules (``dpolab.control.validate``: β schedules and KL control; ``dpolab.online.validate``: --online).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .config import REQUIRED, _suggest
 def validate(c) -> None:
     """Every rule, in the order a user would fix them (required fields first)."""
     from .control import validate as _validate_control  # late import, as for the losses
+    from .online import validate as _validate_online
 
     _validate(c)
     _validate_objective(c)
@@ -22,6 +23,7 @@ def validate(c) -> None:
     _validate_fsdp(c)
     _validate_control(c)  # β schedule and KL control: dpolab.control.validate
     _validate_streaming(c)
+    _validate_online(c)  # online DPO: dpolab.online.validate
 
 
 def _check(ok: bool, field: str, problem: str, fix: str) -> None:
