@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     import torch
 
     from dpolab.demo.base import BaseSpec, build_reference
-    from dpolab.demo.grammar import review_prompts, review_reward
+    from dpolab.demo.grammar import is_grammatical, review_prompts, review_reward
     from dpolab.evaluate import evaluate_by_sampling, mean_stderr
     from dpolab.generate import generate, load_for_inference
 
@@ -93,25 +93,33 @@ def main(argv=None) -> int:
                                  seed=args.data_seed + 4, batch_size=128)
     print(f"{args.steps} steps x batch {args.batch_size}, β {args.beta}, lr {args.learning_rate}; "
           f"evaluated on {len(eval_prompts)} held-out prompts (gold judge review_reward)")
-    header = f"{'run':<16}{'seed':>5}{'gold reward':>20}{'KL (nats)':>18}{'win rate':>18}{'train s':>9}"
+    header = (f"{'run':<16}{'seed':>5}{'gold reward':>20}{'KL (nats)':>18}{'win rate':>18}{'fluent':>8}"
+              f"{'train s':>9}")
     print(header)
     print("-" * len(header))
     gold: dict[str, list[float]] = {"offline": [], "online": []}
+    kl: dict[str, list[float]] = {"offline": [], "online": []}
     for seed in (int(s) for s in args.seeds.split(",")):
         for kind in ("offline", "online"):
             policy, seconds = run(kind, seed, reference_dir, data, args, workdir)
-            m = evaluate_by_sampling(policy, reference, tokenizer, eval_prompts, judge=review_reward,
-                                     max_new_tokens=args.max_new_tokens, seed=args.data_seed + 3, batch_size=128,
-                                     reference_samples=reference_samples).metrics
+            ev = evaluate_by_sampling(policy, reference, tokenizer, eval_prompts, judge=review_reward,
+                                      max_new_tokens=args.max_new_tokens, seed=args.data_seed + 3, batch_size=128,
+                                      reference_samples=reference_samples)
+            m = ev.metrics
+            fluent = sum(is_grammatical(s.completion) for s in ev.policy_samples) / len(ev.policy_samples)
             gold[kind].append(m["gold_reward_policy"])
+            kl[kind].append(m["kl"])
             print(f"{kind:<16}{seed:>5}{m['gold_reward_policy']:>12.3f} ± {m['gold_reward_policy_stderr']:.3f}"
                   f"{m['kl']:>10.2f} ± {m['kl_stderr']:<5.2f}{m['win_rate']:>10.3f} ± {m['win_rate_stderr']:.3f}"
-                  f"{seconds:>9.1f}", flush=True)
-    print(f"{'π_ref':<16}{'':>5}{m['gold_reward_reference']:>12.3f} ± {m['gold_reward_reference_stderr']:.3f}")
+                  f"{fluent:>8.2f}{seconds:>9.1f}", flush=True)
+    ref_fluent = sum(is_grammatical(s.completion) for s in reference_samples) / len(reference_samples)
+    print(f"{'π_ref':<16}{'':>5}{m['gold_reward_reference']:>12.3f} ± {m['gold_reward_reference_stderr']:.3f}"
+          f"{'':>36}{ref_fluent:>8.2f}")
     if len(gold["online"]) > 1:  # the spread over training seeds, besides the sampling error of each row
         for kind, values in gold.items():
-            mean, stderr = mean_stderr(values)
-            print(f"{kind}: mean gold reward over {len(values)} seeds {mean:.3f} ± {stderr:.3f}")
+            (mean, stderr), (kl_mean, kl_stderr) = mean_stderr(values), mean_stderr(kl[kind])
+            print(f"{kind}: mean over {len(values)} seeds: gold reward {mean:.3f} ± {stderr:.3f}, "
+                  f"KL {kl_mean:.2f} ± {kl_stderr:.2f}")
         wins = sum(on > off for on, off in zip(gold["online"], gold["offline"]))
         print(f"online above offline in {wins} of {len(gold['online'])} seeds")
     return 0
