@@ -251,3 +251,23 @@ def test_a_bad_judge_fails_before_anything_is_written(tmp_path, tiny_model_dir, 
     with pytest.raises(ConfigError, match="judge"):
         dpolab.train(config(tmp_path, tiny_model_dir, copy_data, judge="no_such_module_xyz:f"))
     assert not (tmp_path / "out").exists()
+
+
+def test_with_lora_the_reference_is_the_model_with_its_adapter_off(tmp_path, tiny_model_dir, copy_data,
+                                                                  monkeypatch):
+    built = []
+    original = trainer.ModelReference.__init__
+
+    def spy(self, model, rt):
+        original(self, model, rt)
+        built.append((self, model))
+
+    monkeypatch.setattr(trainer.ModelReference, "__init__", spy)
+    result = dpolab.train(config(tmp_path, tiny_model_dir, copy_data, lora_r=4, max_steps=2, kl_eval_steps=2,
+                                 kl_prompts=4, kl_max_new_tokens=4))
+    (reference, model), = built
+    assert reference.model is model  # no copy: the same weights, scored with the adapter off
+    rows = rows_of(result)
+    assert [r["step"] for r in rows if "online/pairs" in r] == [1, 2]
+    kl_rows = [r for r in rows if "kl" in r]  # the KL monitor shares that reference too
+    assert [r["step"] for r in kl_rows] == [2] and math.isfinite(kl_rows[0]["kl"])

@@ -68,9 +68,7 @@ class OnlinePairs:
 
     def __init__(self, config, model: torch.nn.Module, tokenizer, judge: Judge, prompts: list[list[int]],
                  index_base: int, rt):
-        if rt.world_size > 1:
-            raise ConfigError("online", f"online DPO runs in one process, not {rt.world_size}",
-                              "run dpolab train without torchrun/accelerate, or drop --online")
+        check_one_process(rt)
         if not prompts:
             raise ConfigError("data", "holds no prompt to sample online pairs from", "give --data some pairs")
         self.config, self.model, self.tokenizer, self.judge = config, model, tokenizer, judge
@@ -161,10 +159,18 @@ def build(config, model, tokenizer, judge: Judge, data, rt) -> OnlinePairs:
     return OnlinePairs(config, model, tokenizer, judge, distinct_prompts(data.train, config.seed), base, rt)
 
 
+def check_one_process(rt) -> None:
+    if rt.world_size > 1:
+        raise ConfigError("online", f"online DPO runs in one process, not {rt.world_size}",
+                          "run dpolab train without torchrun/accelerate, or drop --online")
+
+
 def open_judge(config, rt) -> Judge | None:
-    """--judge loaded (None without --online), before the data, so that a bad spec fails fast."""
+    """--judge loaded (None without --online), before the data, so that a bad spec or a launch under
+    torchrun fails fast, before anything is written."""
     if not config.online:
         return None
+    check_one_process(rt)
     return load_judge(config.judge, device=str(rt.device), constitution=config.constitution,
                       batch_size=2 * config.effective_eval_batch_size)
 
