@@ -313,13 +313,20 @@ SAMPLES = {
     "beta_schedule": "linear", "beta_start": 0.5, "beta_end": 0.05, "kl_eval_steps": 5, "kl_prompts": 16,
     "kl_max_new_tokens": 32, "target_kl": 6.0, "kl_adapt_rate": 0.5, "max_kl": 20.0,
     "streaming": True, "objective": ["helpful=0.7", "harmless=0.3:harmless.jsonl"],
+    "online": True, "online_every": 3, "online_only": True, "judge": "pkg.mod:reward", "constitution": "rules.txt",
+    "online_prompts": 6, "online_samples": 4, "online_max_new_tokens": 32, "online_temperature": 0.7,
 }
 NEEDS = {"eval_steps": {"eval_data": "heldout.jsonl"},
          "early_stopping_patience": {"eval_data": "heldout.jsonl", "eval_steps": 4},
          "loss_weights": {"loss": "ipo,sft"}, "streaming": {"max_steps": 7}, "ref_sync_steps": {"reference": "model"},
          **{name: {"lora_r": 16} for name in ("lora_alpha", "lora_dropout", "lora_target_modules")},
          "beta_end": {"beta_schedule": "linear"}, "target_kl": {"kl_eval_steps": 5}, "max_kl": {"kl_eval_steps": 5},
-         "kl_adapt_rate": {"kl_eval_steps": 5, "target_kl": 6.0}}
+         "kl_adapt_rate": {"kl_eval_steps": 5, "target_kl": 6.0},
+         "online": {"judge": "pkg.mod:reward"}, "judge": {"online": True},
+         "constitution": {"online": True, "judge": "ai:org/judge"},
+         **{name: {"online": True, "judge": "pkg.mod:reward"} for name in (
+             "online_every", "online_only", "online_prompts", "online_samples", "online_max_new_tokens",
+             "online_temperature")}}
 BASE = {"model": "org/model", "data": "prefs.jsonl", "output_dir": "runs/x"}
 
 

@@ -100,6 +100,26 @@ class TrainConfig:
     max_kl: Optional[float] = None
     """Stop training (saving final/ as usual) when a KL estimate exceeds this many nats (needs --kl-eval-steps)."""
 
+    # --- online DPO (dpolab.online) ------------------------------------------------------------
+    online: bool = False
+    """Online DPO: every --online-every steps the current policy samples --online-samples completions of --online-prompts training prompts, --judge ranks them, and each prompt's best and worst sample join that step's batch as a pair. Fresh samples need the reference's weights: --reference precompute becomes model (a fresh LoRA adapter is scored with the adapter off, no copy)."""
+    online_every: int = 1
+    """--online: sample new pairs every N optimizer steps (1 = every step)."""
+    online_only: bool = False
+    """--online: train on the sampled pairs only; --data then supplies just the prompts (and the number of steps per epoch)."""
+    judge: Optional[str] = None
+    """--online: who ranks the samples: module:function (a reward function, e.g. dpolab.demo.grammar:review_reward), a reward model folder, or ai:MODEL (an AI judge, with --constitution)."""
+    constitution: Optional[str] = None
+    """--online with an ai:MODEL judge: the file of principles the AI judge applies."""
+    online_prompts: Optional[int] = None
+    """--online: prompts sampled per online step (default: --batch-size), taken in turn from the distinct training prompts in a seeded order."""
+    online_samples: int = 2
+    """--online: completions sampled per prompt (>= 2); the best and the worst make the pair, a tie makes none."""
+    online_max_new_tokens: int = 64
+    """--online: longest sampled completion in tokens (also cut to fit --max-length)."""
+    online_temperature: float = 1.0
+    """--online: sampling temperature (> 0; 1 samples the policy itself)."""
+
     # --- optimisation --------------------------------------------------------------------------
     learning_rate: float = 5e-6
     """Peak AdamW learning rate."""

@@ -124,7 +124,11 @@ class PrecomputedReference:
         self.tables = tables
 
     def logps(self, batch: PairBatch, split: str) -> tuple[Tensor, Tensor]:
-        rows = self.tables[split][batch.index.cpu()].to(batch.input_ids.device)
+        index, table = batch.index.cpu(), self.tables[split]
+        if index.numel() and int(index.max()) >= table.shape[0]:  # e.g. online pairs: never a silent lookup
+            raise KeyError(f"the precomputed reference has no log-probs for pair {int(index.max())} of '{split}' "
+                           f"({table.shape[0]} rows): pairs made during training need --reference model")
+        rows = table[index].to(batch.input_ids.device)
         return rows[:, 0], rows[:, 1]
 
     @classmethod

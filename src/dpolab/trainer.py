@@ -22,7 +22,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed, lora
+from . import distributed, lora, online
 from .checkpoint import TrainState
 from .config import TrainConfig
 from .control import BetaControl, KLMonitor, kl_prompt_ids
@@ -117,7 +117,9 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
         from .zero import read_config
 
         read_config(config.deepspeed)
+    config = online.resolve_reference(config, say)  # --online: fresh samples need π_ref's weights
     tokenizer = load_tokenizer(config)
+    judge = online.open_judge(config, rt)  # --online: a bad --judge fails before the data and the model
     data = prepare_data(config, tokenizer, cache_dir=Path(config.output_dir) / "cache")  # raises on bad input
     model = load_model(config, rt, pad_token_id=tokenizer.pad_token_id)
     if config.activation_offloading and rt.device.type != "cuda":
@@ -163,6 +165,8 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
     run.objectives = ObjectiveScales.build(config, {"train": data.train, "eval": data.eval})  # --objective
     if config.kl_eval_steps:  # from the initial weights, before the resume (dpolab.control)
         run.kl_monitor = KLMonitor(model, reference, kl_prompt_ids(data, config.kl_prompts), tokenizer, config, rt)
+    if config.online:  # samples the policy being trained (dpolab.online)
+        run.online_pairs = online.build(config, model, tokenizer, judge, data, rt)
     if resume_from is not None:
         run.state = ckpt.load_checkpoint(resume_from, model, run.optimizer, sharded=sharded)
         if rt.is_main:
@@ -215,6 +219,8 @@ class _Run:
     """The β of the current step (``dpolab.control``); None before the first: ``config.beta``."""
     objectives: ObjectiveScales | None = None
     """--objective: per-pair weights of each objective and per-objective metrics (``dpolab.objectives``)."""
+    online_pairs: online.OnlinePairs | None = None
+    """--online: adds pairs sampled from the current policy to a step's micro-batches."""
 
     def loop(self) -> TrainResult:
         config, rt, state = self.config, self.rt, self.state
@@ -239,9 +245,14 @@ class _Run:
                     break
                 lr = config.learning_rate * lr_factor(state.step, total_steps, warmup, config.lr_scheduler)
                 self.beta = self.control.beta(state.step)
+                online_metrics = None
+                if self.online_pairs is not None:  # on-policy pairs, sampled before this step's update
+                    micro_batches, online_metrics = self.online_pairs.extend(state.step, micro_batches)
                 grad_norm = self._optimizer_step(micro_batches, lr, window)
                 state.step += 1
                 last = state.step == total_steps
+                if online_metrics is not None:
+                    self.logger.log({"step": state.step, "epoch": round(epoch, 4), **online_metrics})
                 if state.step == 1 or state.step % config.logging_steps == 0 or last:
                     result.metrics = self._log(epoch, lr, grad_norm, window, bar)
                     window = MetricSums()

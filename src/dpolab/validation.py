@@ -2,7 +2,7 @@
 
 ``TrainConfig.__post_init__`` calls ``validate``; options of larger features validate in their own
 modules (``dpolab.control.validate``: β schedules and KL control; ``dpolab.reward.validate``: the
-reward-model loss; ``dpolab.objectives.validate``: multi-objective DPO).
+reward-model loss; ``dpolab.objectives.validate``: multi-objective DPO; ``dpolab.online.validate``: --online).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ def validate(c) -> None:
     from .control import validate as _validate_control  # late import, as for the losses
     from .reward import validate as _validate_reward
     from .objectives import validate as _validate_objectives
+    from .online import validate as _validate_online
 
     _validate(c)
     _validate_reward(c)  # the reward-model loss: before the loss mix is built (dpolab.reward.validate)
@@ -28,6 +29,10 @@ def validate(c) -> None:
     _validate_control(c)  # β schedule and KL control: dpolab.control.validate
     _validate_streaming(c)
     _validate_objectives(c)  # multi-objective DPO: dpolab.objectives.validate
+    _validate_online(c)  # online DPO: dpolab.online.validate
+    _check(not (c.online and c.objective), "objective", "--online samples pairs for one judge; they belong to no "
+           "objective of --objective", "train the objectives offline (label each with dpolab label --judge NAME=SPEC), "
+           "or drop --objective")
 
 
 def _check(ok: bool, field: str, problem: str, fix: str) -> None:
@@ -154,6 +159,8 @@ def _validate_deepspeed(c) -> None:
            "drop --deepspeed (LoRA already saves most memory), or train without --lora-r")
     _check(c.kl_eval_steps is None, "kl_eval_steps", "sampling from a DeepSpeed-partitioned policy is not "
            "supported", "drop --kl-eval-steps, or estimate KL afterwards with dpolab eval")
+    _check(not c.online, "online", "sampling from a DeepSpeed-partitioned policy is not supported",
+           "drop --deepspeed for online DPO")
 
 
 def _validate_streaming(c) -> None:
