@@ -221,3 +221,11 @@ def test_cli_reports_an_unknown_objective_in_one_line(tmp_path, tiny_model_dir, 
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "d.jsonl, row 2, field 'objective': unknown objective 'b'" in err
     assert not out.exists()  # nothing written before the data validates
+
+
+def test_online_pairs_have_no_objective_so_the_two_are_not_combined():
+    base = {"model": "m", "data": "d.jsonl", "output_dir": "o", "online": True, "judge": "pkg.mod:reward"}
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**base, objective=["helpful=1"])
+    assert info.value.field == "objective"
+    TrainConfig(**base)  # fine alone
