@@ -74,7 +74,7 @@ def add_commands(sub, formatter) -> None:
                         epilog=EVAL_EXAMPLES, formatter_class=formatter)
     ev.add_argument("--model", required=True, metavar="DIR", help="the policy: folder or hub name")
     ev.add_argument("--reference", metavar="DIR",
-                    help="the reference π_ref (default: the 'model' of the run's config.yaml "
+                    help="the reference π_ref (default: the 'reference_model', else the 'model', of the run's config.yaml "
                     "when --model is a dpolab run's final/ folder; without one, pairs are compared on log π alone)")
     ev.add_argument("--data", metavar="PAIRS", help="held-out preference pairs (any format dpolab train reads)")
     ev.add_argument("--prompts", metavar="FILE", help="held-out prompts: one per line, or JSONL rows with 'prompt'")
@@ -146,7 +146,7 @@ def run_eval(ns: argparse.Namespace) -> int:
     judge = load_judge(ns.judge) if ns.judge else None
     prompts = read_prompts(ns.prompts) if ns.prompts else None
     run = run_config(ns.model)  # a dpolab run's final/: its starting model and β are the defaults
-    reference_path = ns.reference or run.get("model")
+    reference_path = ns.reference or run.get("reference_model") or run.get("model")  # the run's own π_ref
     ns.beta = ns.beta if ns.beta is not None else float(run.get("beta", 0.1))
     if prompts and not reference_path:
         raise ConfigError("reference", "KL and win rate compare the policy with a reference", "pass --reference DIR")
