@@ -1,4 +1,5 @@
-"""``dpolab demo``, ``dpolab generate`` and ``dpolab eval``: parsers and what each runs.
+"""``dpolab demo``, ``dpolab generate``, ``dpolab eval`` (and ``dpolab iterate``'s registration): parsers and
+what each runs.
 
 ``cli.py`` owns the program and ``train``; this module adds the commands built around the trainer.
 Heavy imports (torch, transformers) happen inside the runners, so ``--help`` stays fast. Every
@@ -86,6 +87,9 @@ def add_commands(sub, formatter) -> None:
     ev.add_argument("--max-prompt-length", type=int, default=512, metavar="N", help="longest prompt of a pair")
     _add_sampling_arguments(ev)
     ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to this file")
+    from .iterate_cli import add_parser as add_iterate  # iterative DPO: its own module
+
+    add_iterate(sub, formatter)
 
 
 def _add_sampling_arguments(parser) -> None:
@@ -195,4 +199,10 @@ def _eval_pairs(ns, policy, reference, tokenizer) -> dict:
     return evaluate_pairs(policy, reference, pairs, config, rt, tokenizer.pad_token_id)
 
 
-RUNNERS = {"demo": run_demo, "generate": run_generate, "eval": run_eval}
+def run_iterate(ns: argparse.Namespace) -> int:
+    from .iterate_cli import run
+
+    return run(ns)
+
+
+RUNNERS = {"demo": run_demo, "generate": run_generate, "eval": run_eval, "iterate": run_iterate}
