@@ -188,3 +188,11 @@ def test_bad_options_found_before_any_work(tmp_path, tiny_model_dir, prompt_file
 def test_a_judge_that_ties_everything_stops_the_round(tmp_path, tiny_model_dir, prompt_files):
     with pytest.raises(ConfigError, match="judge.*same score"):
         iterate(small(tmp_path, tiny_model_dir, prompt_files, rounds=1), judge=lambda p, c: [0.0] * len(c))
+
+
+def test_cli_mistakes_are_one_line(capsys):
+    assert main(["iterate", "--rounds", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'model': is required" in err
+    assert main(["iterate", "--demo", "--prompts", "p.txt"]) == 2
+    assert "--demo makes its own prompts" in capsys.readouterr().err

@@ -119,3 +119,14 @@ def test_refusals(tmp_path, tiny_model_dir, copy_data):
                          ({"fsdp": True}, "whole on every process"), ({"reference_model": " "}, "empty")):
         with pytest.raises(ConfigError, match=words):
             config(tmp_path / "x", tiny_model_dir, copy_data, **{"reference_model": str(tiny_model_dir), **extra})
+
+
+def test_dpolab_eval_defaults_to_the_runs_reference_model(tmp_path):
+    from dpolab.evaluate import reference_of_run
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: runs/round-1/final\nreference_model: ./sft\n")
+    assert reference_of_run(str(run / "final")) == "./sft"
+    (run / "config.yaml").write_text("model: ./sft\nreference_model: null\n")
+    assert reference_of_run(str(run / "final")) == "./sft"
