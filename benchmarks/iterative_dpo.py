@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (the demo's)")
     ap.add_argument("--offline-betas", default="", help="extra β values for offline runs (e.g. 2,4): where the "
                     "offline frontier passes the iterative run's KL")
+    ap.add_argument("--offline-epochs", default="", help="extra offline runs at --beta with more epochs (e.g. "
+                    "2,3; more steps than the iterative runs): the offline frontier at larger KL")
     ap.add_argument("--no-initial", action="store_true", help="skip the iterative run with reference = π_0")
     ap.add_argument("--seeds", default="0,1,2", help="seeds (π_ref, prompts, sampling, training) to average over")
     ap.add_argument("--workdir", default="/tmp/dpolab-bench/iterative", help="π_ref cache and run folders")
@@ -98,6 +100,9 @@ def main(argv=None) -> int:
     runs = {f"offline β={args.beta:g}": dict(rounds=1, prompts_per_round=K * P, beta=args.beta)}
     for b in filter(None, (x.strip() for x in args.offline_betas.split(","))):
         runs[f"offline β={float(b):g}"] = dict(rounds=1, prompts_per_round=K * P, beta=float(b))
+    for e in filter(None, (x.strip() for x in args.offline_epochs.split(","))):
+        runs[f"offline β={args.beta:g}, {float(e):g} epochs"] = dict(rounds=1, prompts_per_round=K * P, beta=args.beta,
+                                                                  epochs=float(e))
     runs[f"iterative β={args.beta:g}, ref previous"] = dict(rounds=K, prompts_per_round=P, beta=args.beta)
     if not args.no_initial:
         runs[f"iterative β={args.beta:g}, ref initial"] = dict(rounds=K, prompts_per_round=P, beta=args.beta,
@@ -106,6 +111,7 @@ def main(argv=None) -> int:
           f"{args.eval_prompts} held-out prompts; {K}x{P} training prompts, {args.samples_per_prompt} samples each, "
           f"best-worst pairs, batch 32, lr {args.learning_rate:g}, 1 epoch per round; seeds {seeds}")
     finals: dict[str, list[dict]] = {name: [] for name in runs}
+    nearest: dict[str, list[tuple[str, dict, dict]]] = {name: [] for name in runs if name.startswith("iterative")}
     for seed in seeds:
         results = {}
         for name, options in runs.items():
@@ -116,12 +122,25 @@ def main(argv=None) -> int:
             print(f"  seed {seed}: {name} done in {time.perf_counter() - started:.0f}s", file=sys.stderr)
         print(f"\nseed {seed}:")
         table(results)
+        offline = [(name, rows[-1]) for name, rows in results.items() if name.startswith("offline")]
+        for name in nearest:  # the offline run whose KL is closest to this iterative run's last round
+            last = results[name][-1]
+            other, row = min(offline, key=lambda item: abs(item[1]["kl"] - last["kl"]))
+            nearest[name].append((other, row, last))
     print(f"\nlast round, mean over seeds {seeds} (± standard error across seeds):")
     print(f"{'run':34s} {'gold reward':15s} {'KL(π‖π_0) nats':15s} {'win rate vs π_0':15s} {'grammatical':>11s}")
     for name, rows in finals.items():
         reward, kl, win = (mean_of([r[k] for r in rows]) for k in ("judge_reward", "kl", "win_rate_vs_initial"))
         gram = mean_of([r.get("grammatical", math.nan) for r in rows])[0]
         print(f"{name:34s} {fmt(*reward):15s} {fmt(*kl, 2):15s} {fmt(*win):15s} {gram:11.0%}")
+    print("\neach iterative run's last round vs the offline run with the closest KL (same seed):")
+    for name, matches in nearest.items():
+        for seed, (other, row, last) in zip(seeds, matches):
+            print(f"  seed {seed}: {name}: reward {last['judge_reward']:.3f} at KL {last['kl']:.2f}; {other}: "
+                  f"{row['judge_reward']:.3f} at KL {row['kl']:.2f}; difference "
+                  f"{last['judge_reward'] - row['judge_reward']:+.3f}")
+        diff = mean_of([last["judge_reward"] - row["judge_reward"] for _, row, last in matches])
+        print(f"  {name}: mean reward difference {fmt(*diff)} (± standard error across seeds)")
     return 0
 
 
