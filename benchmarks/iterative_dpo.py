@@ -61,8 +61,9 @@ def table(results: dict[str, list[dict]]) -> None:
         steps = 0
         for r in rows[(1 if i else 0):]:  # round 0 (π_0 itself) is the same in every run: once
             steps += r["steps"]
-            print(f"{'π_0' if r['round'] == 0 else name:34s} {r['round']:5d} {r['pairs']:5d} {steps:5d}  {fmt(r['judge_reward'], r['judge_reward_stderr']):15s} "
-                  f"{fmt(r['kl'], r['kl_stderr'], 2):15s} {fmt(r['win_rate_vs_initial'], r['win_rate_stderr']):15s} "
+            label = "π_0" if r["round"] == 0 else name
+            print(f"{label:34s} {r['round']:5d} {r['pairs']:5d} {steps:5d}  "
+                  f"{fmt(r['judge_reward'], r['judge_reward_stderr']):15s} {fmt(r['kl'], r['kl_stderr'], 2):15s} {fmt(r['win_rate_vs_initial'], r['win_rate_stderr']):15s} "
                   f"{r.get('grammatical', math.nan):11.0%}")
 
 

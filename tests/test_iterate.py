@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_word_tokenizer, save_toy_model
+from conftest import make_word_tokenizer
 from dpolab.cli import main
 from dpolab.errors import ConfigError
 from dpolab.iterate import iterate, round_prompts
@@ -59,7 +59,8 @@ def independent_reference(model_dir, pairs_path, config_dir):
     with torch.no_grad():
         for p in pairs:
             for col, completion in enumerate((p.chosen_ids, p.rejected_ids)):
-                logp = torch.log_softmax(model(input_ids=torch.tensor([p.prompt_ids + completion])).logits[0].double(), -1)
+                logits = model(input_ids=torch.tensor([p.prompt_ids + completion])).logits[0]
+                logp = torch.log_softmax(logits.double(), -1)
                 n = len(p.prompt_ids)
                 table[p.index, col] = sum(logp[n + t - 1, tok] for t, tok in enumerate(completion))
     return table
