@@ -198,6 +198,8 @@ def iterate(config: IterateConfig, *, judge=None, eval_judge=None, say=print) ->
         labelled, data = _label(k, policy, tokenizer, setup, config, out, say)
         policy = None  # training loads π_{k−1} from its folder: free the sampling copy (π_0 stays)
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         row, policy = _train(k, labelled, data, policy_dir, initial, tokenizer, setup, config, initial_samples,
                              out, started, say)
         policy_dir = row["policy"]
