@@ -11,6 +11,7 @@ from dpolab.cli import main
 from dpolab.errors import ConfigError
 from dpolab.iterate import iterate, round_prompts
 from dpolab.iterate_cli import IterateConfig
+from dpolab.judges import Judge
 
 KEYS = {"round", "judge_reward", "judge_reward_stderr", "win_rate_vs_initial", "win_rate_stderr", "kl", "kl_stderr",
         "pairs", "seconds"}
@@ -197,3 +198,28 @@ def test_cli_mistakes_are_one_line(capsys):
     assert err.count("\n") == 0 and "'model': is required" in err
     assert main(["iterate", "--demo", "--prompts", "p.txt"]) == 2
     assert "--demo makes its own prompts" in capsys.readouterr().err
+
+
+class LongerIsBetter(Judge):
+    """A pairwise-only judge: P(first better) = 1 when it has more words, 0 when fewer, ½ on a tie."""
+
+    name, pointwise = "longer", False
+
+    def compare(self, prompts, first, second):
+        return [0.5 if len(a.split()) == len(b.split()) else float(len(a.split()) > len(b.split()))
+                for a, b in zip(first, second)]
+
+
+def test_pairwise_judge_and_prompts_per_round(tmp_path, tiny_model_dir, prompt_files):
+    config = small(tmp_path, tiny_model_dir, prompt_files, prompts_per_round=4, max_new_tokens=6)
+    rows = iterate(config, judge=LongerIsBetter())
+    assert all(math.isnan(r["judge_reward"]) for r in rows)  # a pairwise judge gives no reward ...
+    assert [r["judge_reward"] for r in read_rows(config)] == [None] * 3  # ... written as null
+    assert all(0 <= r["win_rate_vs_initial"] <= 1 for r in rows)
+    prompts = open(config.prompts).read().splitlines()
+    for k, expected in ((1, prompts[:4]), (2, prompts[4:8])):  # distinct prompts per round, in order
+        pairs = [json.loads(x) for x in (tmp_path / "iter" / f"round-{k}" / "pairs.jsonl").read_text().splitlines()]
+        assert pairs and {p["prompt"] for p in pairs} <= set(expected)
+        assert all(len(p["chosen"].split()) > len(p["rejected"].split()) for p in pairs)
+    samples = [json.loads(x) for x in (tmp_path / "iter" / "round-1" / "eval_samples.jsonl").read_text().splitlines()]
+    assert rows[1]["win_rate_vs_initial"] == pytest.approx(sum(s["score"] for s in samples) / len(samples))
