@@ -305,7 +305,7 @@ SAMPLES = {
     "report_to": "wandb", "run_name": "exp-1", "progress": False, "trust_remote_code": True,
     "loss_weights": "0.8,0.2", "exo_epsilon": 0.01, "discopop_tau": 0.1, "dpop_lambda": 5.0, "simpo_gamma": 1.0,
     "f_divergence": "js", "f_alpha": 0.25, "wpo": True, "ld_alpha": 0.5, "desirable_weight": 1.5,
-    "undesirable_weight": 0.75, "ref_sync_steps": 8, "ref_sync_alpha": 0.5,
+    "undesirable_weight": 0.75, "reference_model": "runs/base/final", "ref_sync_steps": 8, "ref_sync_alpha": 0.5,
     "allow_pickle": True, "resume": "runs/x/checkpoints/step-2", "resume_force": True, "save_total_limit": 2,
     "max_skipped_steps": 3, "strict": True, "prefix_sharing": False, "packing": False, "pack_length": 2048,
     "gradient_checkpointing": True, "activation_offloading": True, "fsdp": True, "deepspeed": "ds_config.json", "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05,

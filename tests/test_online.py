@@ -258,8 +258,8 @@ def test_with_lora_the_reference_is_the_model_with_its_adapter_off(tmp_path, tin
     built = []
     original = trainer.ModelReference.__init__
 
-    def spy(self, model, rt):
-        original(self, model, rt)
+    def spy(self, model, rt, **kwargs):
+        original(self, model, rt, **kwargs)
         built.append((self, model))
 
     monkeypatch.setattr(trainer.ModelReference, "__init__", spy)

@@ -1,5 +1,5 @@
 """``dpolab demo``, ``dpolab generate`` and ``dpolab eval``: parsers and what each runs (``dpolab reward``
-lives in ``reward_cli.py`` and is registered here).
+lives in ``reward_cli.py`` and ``dpolab iterate`` in ``iterate_cli.py``; both are registered here).
 
 ``cli.py`` owns the program and ``train``; this module adds the commands built around the trainer.
 Heavy imports (torch, transformers) happen inside the runners, so ``--help`` stays fast. Every
@@ -75,7 +75,7 @@ def add_commands(sub, formatter) -> None:
                         epilog=EVAL_EXAMPLES, formatter_class=formatter)
     ev.add_argument("--model", required=True, metavar="DIR", help="the policy: folder or hub name")
     ev.add_argument("--reference", metavar="DIR",
-                    help="the reference π_ref (default: the 'model' of the run's config.yaml "
+                    help="the reference π_ref (default: the 'reference_model', else the 'model', of the run's config.yaml "
                     "when --model is a dpolab run's final/ folder; without one, pairs are compared on log π alone)")
     ev.add_argument("--data", metavar="PAIRS", help="held-out preference pairs (any format dpolab train reads)")
     ev.add_argument("--prompts", metavar="FILE", help="held-out prompts: one per line, or JSONL rows with 'prompt'")
@@ -88,6 +88,9 @@ def add_commands(sub, formatter) -> None:
     ev.add_argument("--max-prompt-length", type=int, default=512, metavar="N", help="longest prompt of a pair")
     _add_sampling_arguments(ev)
     ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to this file")
+    from .iterate_cli import add_parser as add_iterate  # iterative DPO: its own module
+
+    add_iterate(sub, formatter)
 
     from .reward_cli import add_reward_command  # dpolab reward train|score
 
@@ -153,7 +156,7 @@ def run_eval(ns: argparse.Namespace) -> int:
     judge = load_judge(ns.judge, device=ns.device, batch_size=ns.batch_size) if ns.judge else None
     prompts = read_prompts(ns.prompts) if ns.prompts else None
     run = run_config(ns.model)  # a dpolab run's final/: its starting model and β are the defaults
-    reference_path = ns.reference or run.get("model")
+    reference_path = ns.reference or run.get("reference_model") or run.get("model")  # the run's own π_ref
     ns.beta = ns.beta if ns.beta is not None else float(run.get("beta", 0.1))
     if prompts and not reference_path:
         raise ConfigError("reference", "KL and win rate compare the policy with a reference", "pass --reference DIR")
@@ -208,4 +211,11 @@ def run_reward(ns: argparse.Namespace) -> int:
     return run(ns)
 
 
-RUNNERS = {"demo": run_demo, "generate": run_generate, "eval": run_eval, "reward": run_reward}
+def run_iterate(ns: argparse.Namespace) -> int:
+    from .iterate_cli import run
+
+    return run(ns)
+
+
+RUNNERS = {"demo": run_demo, "generate": run_generate, "eval": run_eval, "reward": run_reward,
+           "iterate": run_iterate}

@@ -30,7 +30,7 @@ class TrainConfig:
 
     # --- what to train on ---------------------------------------------------------------------
     model: str = ""
-    """Policy to train: a local folder with a Hugging Face causal LM, or a hub name (e.g. org/model). It is also the frozen reference."""
+    """Policy to train: a local folder with a Hugging Face causal LM, or a hub name (e.g. org/model). It is also the frozen reference, unless --reference-model names another."""
     data: str = ""
     """Training preference pairs: .jsonl/.json/.parquet/.csv (optionally .gz), a datasets.save_to_disk folder, or a hub dataset name."""
     output_dir: str = ""
@@ -75,6 +75,8 @@ class TrainConfig:
     """kto: weight of the loss on undesirable examples (> 0); keep desirable_weight x desirable / (undesirable_weight x undesirable) in [1, 4/3]."""
     reference: Literal["precompute", "model"] = "precompute"
     """precompute: score the data with the frozen initial model once and cache it on disk (fast, no second copy in memory); model: keep a frozen copy and score every batch."""
+    reference_model: Optional[str] = None
+    """π_ref from another model (same tokenizer) instead of --model itself, e.g. the initial policy while --model continues from later weights; precomputed or held per --reference."""
     ref_sync_steps: Optional[int] = None
     """TR-DPO: every N optimizer steps, move the reference towards the policy (needs --reference model)."""
     ref_sync_alpha: float = 0.6

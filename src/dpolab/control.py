@@ -91,15 +91,19 @@ class BetaControl:
 class KLMonitor:
     """KL(π‖π_ref) by sampling from the policy on a fixed set of prompt ids (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, reference, prompt_ids: list[list[int]], tokenizer, config, rt):
+    def __init__(self, model: torch.nn.Module, reference, prompt_ids: list[list[int]], tokenizer, config, rt,
+                 ref_model: torch.nn.Module | None = None):
+        """``ref_model``: π_ref's model when it is not the policy's initial weights (``--reference-model``)."""
         from . import lora
         from .reference import ModelReference
 
         self.model, self.prompts, self.config, self.rt = model, prompt_ids, config, rt
         self.eos_ids = {tokenizer.eos_token_id}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if isinstance(reference, ModelReference):
+        if isinstance(reference, ModelReference):  # also a --reference-model held for --reference model
             self.ref_model, self.scope = reference.model, reference.scope
+        elif ref_model is not None:  # --reference-model with precomputed log-probs: the loaded model itself
+            self.ref_model, self.scope = ref_model, contextlib.nullcontext
         elif lora.is_lora(model) and lora.adapter_is_noop(model):
             self.ref_model, self.scope = model, lora.shared_reference(model)
         else:  # precomputed reference (or none): a frozen copy of the initial weights, on the CPU

@@ -226,6 +226,8 @@ def run_config(model_dir: str) -> dict:
 
 
 def reference_of_run(model_dir: str) -> str | None:
-    """The model a dpolab run started from: the natural π_ref to evaluate its policy against."""
-    model = run_config(model_dir).get("model")
+    """The run's π_ref (its --reference-model, else the model it started from): the natural reference to
+    evaluate its policy against."""
+    run = run_config(model_dir)
+    model = run.get("reference_model") or run.get("model")
     return str(model) if model else None

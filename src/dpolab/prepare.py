@@ -90,6 +90,43 @@ def load_model(config: TrainConfig, rt: Runtime, pad_token_id: int | None = None
     return lora.apply(model, config).to(rt.device)
 
 
+def load_reference_model(config: TrainConfig, rt: Runtime, tokenizer, policy: torch.nn.Module) -> torch.nn.Module:
+    """--reference-model: π_ref loaded as the policy is (fp32, dropout off), frozen, in eval mode.
+
+    Refused, naming the reason: an adapter folder (LoRA's reference is its base with the adapter off, so
+    pass that base), a LoRA policy (its reference is itself with the adapter off), another tokenizer
+    (DPO compares log-probs of the same token ids under both models), and with TR-DPO weights of another
+    shape (the reference is pulled towards the policy weight by weight).
+    """
+    import dataclasses
+
+    name = config.reference_model
+    if lora.adapter_folder(name) is not None:
+        raise ConfigError("reference_model", f"'{name}' is a LoRA adapter, not a whole model",
+                          "pass a full model folder (e.g. the adapter's base, or a --merge-lora final-merged/)")
+    if lora.is_lora(policy):
+        raise ConfigError("reference_model", f"'{config.model}' is a LoRA adapter, whose reference is its base "
+                          "model with the adapter off", "drop --reference-model, or train a full model")
+    probe = dataclasses.replace(config, model=name, reference_model=None, lora_r=None, lora_alpha=None,
+                                lora_dropout=0.0, lora_target_modules=None, merge_lora=False,
+                                gradient_checkpointing=False)
+    try:
+        ref_tokenizer = load_tokenizer(probe)
+        reference = load_model(probe, rt)
+    except ConfigError as e:  # the same checks as --model, reported under this option's name
+        raise ConfigError("reference_model", e.problem, e.fix) from None
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError("reference_model", f"'{name}' has another tokenizer than --model '{config.model}'",
+                          "use a reference with the same tokenizer (e.g. the model the policy was trained from)")
+    if config.ref_sync_steps is not None:
+        shapes = lambda m: [tuple(p.shape) for p in m.parameters()]  # noqa: E731
+        if shapes(reference) != shapes(policy):
+            raise ConfigError("reference_model", f"'{name}' has weights of other shapes than --model, so TR-DPO "
+                              "cannot move it towards the policy", "drop --ref-sync-steps or --reference-model")
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
 def _check_weights_format(config: TrainConfig) -> None:
     """Pickle checkpoints can run arbitrary code when loaded: refuse them unless --allow-pickle."""
     folder = Path(lora.base_model_path(config.model))  # an adapter folder: check its base model

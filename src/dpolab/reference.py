@@ -18,7 +18,7 @@ rows, and the reference returns the log-probs of each half.
 from __future__ import annotations
 
 import contextlib
-import copy
+import copy as _copy
 import dataclasses
 import hashlib
 import math
@@ -175,11 +175,13 @@ class ModelReference:
     """A frozen copy of the initial policy, scoring each batch under ``no_grad``. For a LoRA policy no
     copy: the policy itself with its (initially no-op) adapters disabled (``dpolab.lora.shared_reference``)."""
 
-    def __init__(self, model: torch.nn.Module, rt: Runtime):
+    def __init__(self, model: torch.nn.Module, rt: Runtime, copy: bool = True):
+        """``copy=False``: ``model`` is already a separate model (``--reference-model``), held as it is."""
         if lora.is_lora(model):
             self.model, self.scope = model, lora.shared_reference(model)
         else:
-            self.model, self.scope = copy.deepcopy(model).eval(), contextlib.nullcontext
+            self.model = _copy.deepcopy(model).eval() if copy else model.eval()
+            self.scope = contextlib.nullcontext
             self.model.requires_grad_(False)
         self.rt = rt
 

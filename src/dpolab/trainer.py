@@ -32,8 +32,8 @@ from .errors import TrainingStopped
 from .logprobs import supports_custom_layout
 from .losses import get_loss
 from .objectives import ObjectiveScales
-from .prepare import (PreparedData, check_output_dir, check_tracker, load_model, load_tokenizer, prepare_data,
-                      prepare_output_dir, save_token_cache)
+from .prepare import (PreparedData, check_output_dir, check_tracker, load_model, load_reference_model,
+                      load_tokenizer, prepare_data, prepare_output_dir, save_token_cache)
 from .reference import ModelReference, PrecomputedReference, data_fingerprint, sync_reference
 from .runtime import GracefulStop, Runtime, seed_everything
 from .steps import (MetricSums, build_optimizer, clip_gradients, evaluate, lr_factor, pair_losses,
@@ -149,22 +149,16 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
             say(f"resume: differs from the checkpoint (--resume-force): {diff}")
     loss_fn = get_loss(config.loss)
     sharded = _shard(model, config, rt, say)  # --fsdp/--deepspeed: before the reference pass, which scores with them
-    reference = None
+    reference, ref_model = None, None
     if not getattr(loss_fn, "reference_free", False):  # built from the initial weights, before any resume
-        if config.reference == "model":
-            reference = ModelReference(model, rt)
-        else:
-            splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
-            with lora.initial_reference(model):  # LoRA: a fresh adapter scores with adapters off (dpolab.lora)
-                reference = PrecomputedReference.build(
-                    sharded or model, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
-                    pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say,
-                    ld_alpha=config.ld_alpha, layout=config.layout)
+        reference, ref_model = _reference(config, rt, model, sharded, tokenizer, data, out, say)
     optimizer = sharded.optimizer if config.deepspeed else build_optimizer(model, config)  # FSDP: on the shards
     run = _Run(config, rt, model, tokenizer, data, reference, loss_fn, out, say, optimizer, info)
     run.objectives = ObjectiveScales.build(config, {"train": data.train, "eval": data.eval})  # --objective
     if config.kl_eval_steps:  # from the initial weights, before the resume (dpolab.control)
-        run.kl_monitor = KLMonitor(model, reference, kl_prompt_ids(data, config.kl_prompts), tokenizer, config, rt)
+        run.kl_monitor = KLMonitor(model, reference, kl_prompt_ids(data, config.kl_prompts), tokenizer, config, rt,
+                                   ref_model=ref_model)
+    del ref_model  # --reference-model with precompute: scored, then freed (unless the KL monitor holds it)
     if config.online:  # samples the policy being trained (dpolab.online)
         run.online_pairs = online.build(config, model, tokenizer, judge, data, rt)
     if resume_from is not None:
@@ -174,6 +168,27 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
         say(f"resumed from {resume_from} at step {run.state.step}")
     run.policy = sharded or distributed.wrap(model, rt)  # after the resume: DDP starts from the same weights
     return run.loop()
+
+
+def _reference(config: TrainConfig, rt: Runtime, model, sharded, tokenizer, data: PreparedData, out: Path, say):
+    """(π_ref, its model when --reference-model loaded one, else None).
+
+    π_ref is --model's initial weights, or with --reference-model that model (``load_reference_model``):
+    kept in memory for --reference model, else it scores the data once like the initial weights would.
+    """
+    ref_model = load_reference_model(config, rt, tokenizer, model) if config.reference_model else None
+    if ref_model is not None:
+        say(f"reference: {config.reference_model} (--reference-model), not --model's initial weights")
+    if config.reference == "model":
+        return ModelReference(ref_model if ref_model is not None else model, rt, copy=ref_model is None), ref_model
+    splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
+    scorer = ref_model if ref_model is not None else sharded or model
+    with lora.initial_reference(model):  # LoRA: a fresh adapter scores with adapters off (dpolab.lora)
+        reference = PrecomputedReference.build(
+            scorer, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
+            pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say, ld_alpha=config.ld_alpha,
+            layout=config.layout)
+    return reference, ref_model
 
 
 def _shard(model: torch.nn.Module, config: TrainConfig, rt: Runtime, say):

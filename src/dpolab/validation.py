@@ -33,6 +33,7 @@ def validate(c) -> None:
     _check(not (c.online and c.objective), "objective", "--online samples pairs for one judge; they belong to no "
            "objective of --objective", "train the objectives offline (label each with dpolab label --judge NAME=SPEC), "
            "or drop --objective")
+    _validate_reference_model(c)
 
 
 def _check(ok: bool, field: str, problem: str, fix: str) -> None:
@@ -161,6 +162,8 @@ def _validate_deepspeed(c) -> None:
            "supported", "drop --kl-eval-steps, or estimate KL afterwards with dpolab eval")
     _check(not c.online, "online", "sampling from a DeepSpeed-partitioned policy is not supported",
            "drop --deepspeed for online DPO")
+    _check(not c.reference_model, "reference_model", "--reference-model would load a whole second model on every "
+           "process beside the partitioned policy", "drop --reference-model, or train without --deepspeed")
 
 
 def _validate_streaming(c) -> None:
@@ -196,3 +199,21 @@ def _validate_weights(c, names: list[str]) -> None:
            "give one weight per --loss name")
     _check(all(w >= 0 and math.isfinite(w) for w in weights) and any(w > 0 for w in weights), "loss_weights",
            f"must be finite, >= 0 and not all 0, got '{c.loss_weights}'", "write e.g. --loss-weights 0.8,0.2")
+
+
+def _validate_reference_model(c) -> None:
+    """--reference-model: π_ref from another model. Its tokenizer and weights are checked when it loads
+    (``dpolab.prepare.load_reference_model``); here the options it cannot be combined with."""
+    if c.reference_model is None:
+        return
+    from .losses import get_loss  # late import: losses do not depend on the config
+
+    _check(bool(c.reference_model.strip()), "reference_model", "is empty",
+           "give a model folder or hub name, or leave it unset to use --model as the reference")
+    _check(not getattr(get_loss(c.loss), "reference_free", False), "reference_model",
+           f"has no effect with the reference-free loss '{c.loss}'", "drop --reference-model, or pick a loss "
+           "with a reference")
+    _check(not c.lora_r, "reference_model", "with LoRA the reference is the policy itself with its adapter off, "
+           "not another model", "drop --reference-model, or train all weights (no --lora-r)")
+    _check(not c.fsdp, "reference_model", "--fsdp shards the policy, but another reference model would be "
+           "loaded whole on every process", "drop --fsdp, or drop --reference-model")
