@@ -1,4 +1,5 @@
-"""``dpolab demo``, ``dpolab generate`` and ``dpolab eval``: parsers and what each runs.
+"""``dpolab demo``, ``dpolab generate`` and ``dpolab eval``: parsers and what each runs (``dpolab label``
+lives in ``label_cli.py`` and is registered here).
 
 ``cli.py`` owns the program and ``train``; this module adds the commands built around the trainer.
 Heavy imports (torch, transformers) happen inside the runners, so ``--help`` stays fast. Every
@@ -78,14 +79,19 @@ def add_commands(sub, formatter) -> None:
                     "when --model is a dpolab run's final/ folder; without one, pairs are compared on log π alone)")
     ev.add_argument("--data", metavar="PAIRS", help="held-out preference pairs (any format dpolab train reads)")
     ev.add_argument("--prompts", metavar="FILE", help="held-out prompts: one per line, or JSONL rows with 'prompt'")
-    ev.add_argument("--judge", metavar="MODULE:FUNCTION", help="reward function (prompts, completions) -> "
-                    "rewards, e.g. dpolab.demo.grammar:review_reward; needs --prompts")
+    ev.add_argument("--judge", metavar="SPEC", help="a judge, needs --prompts: MODULE:FUNCTION (prompts, "
+                    "completions) -> rewards, e.g. dpolab.demo.grammar:review_reward; a reward model folder; or "
+                    "ai:MODEL (pairwise: the win rate is its mean P(π's sample better than π_ref's))")
+    ev.add_argument("--constitution", metavar="YAML", help="principles of an ai:MODEL judge (see dpolab label)")
     ev.add_argument("--beta", type=float, metavar="X", help="β of the implicit reward β·(log π − log π_ref) "
                     "(default: the run's β when --model is a dpolab run's final/ folder, else 0.1)")
     ev.add_argument("--max-length", type=int, default=1024, metavar="N", help="longest prompt + completion of a pair")
     ev.add_argument("--max-prompt-length", type=int, default=512, metavar="N", help="longest prompt of a pair")
     _add_sampling_arguments(ev)
     ev.add_argument("--output", metavar="FILE", help="also write the metrics as JSON to this file")
+    from .label_cli import add_label_command
+
+    add_label_command(sub, formatter)
 
 
 def _add_sampling_arguments(parser) -> None:
@@ -134,7 +140,7 @@ def run_generate(ns: argparse.Namespace) -> int:
 
 
 def run_eval(ns: argparse.Namespace) -> int:
-    from .evaluate import evaluate_by_sampling, load_judge, run_config
+    from .evaluate import evaluate_by_sampling, run_config
     from .generate import check_sampling, read_prompts
 
     if not ns.data and not ns.prompts:
@@ -143,7 +149,10 @@ def run_eval(ns: argparse.Namespace) -> int:
         raise ConfigError("judge", "a judge scores sampled completions and needs prompts", "add --prompts FILE")
     check_sampling(num_samples=1, max_new_tokens=ns.max_new_tokens, temperature=1.0, top_p=1.0,
                    batch_size=ns.batch_size)
-    judge = load_judge(ns.judge) if ns.judge else None
+    from .judges import load_judge
+
+    judge = load_judge(ns.judge, device=ns.device, constitution=ns.constitution, batch_size=ns.batch_size) \
+        if ns.judge else None
     prompts = read_prompts(ns.prompts) if ns.prompts else None
     run = run_config(ns.model)  # a dpolab run's final/: its starting model and β are the defaults
     reference_path = ns.reference or run.get("model")
@@ -156,10 +165,17 @@ def run_eval(ns: argparse.Namespace) -> int:
     if ns.data:
         metrics.update(_eval_pairs(ns, policy, reference, tokenizer))
     if prompts:
-        sampled = evaluate_by_sampling(policy, reference, tokenizer, prompts, judge=judge,
+        pointwise = judge.score if judge is not None and judge.pointwise else None
+        sampled = evaluate_by_sampling(policy, reference, tokenizer, prompts, judge=pointwise,
                                        max_new_tokens=ns.max_new_tokens, seed=ns.seed, batch_size=ns.batch_size,
                                        progress=ns.progress)
         metrics.update(sampled.metrics)
+        if judge is not None and pointwise is None:  # a pairwise judge compares π's and π_ref's samples
+            from .label_cli import pairwise_win_rate
+
+            metrics.update(pairwise_win_rate(judge, reference, tokenizer, prompts, sampled.policy_samples,
+                                             max_new_tokens=ns.max_new_tokens, seed=ns.seed,
+                                             batch_size=ns.batch_size, progress=ns.progress))
     for key, value in metrics.items():
         print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     if ns.output:
@@ -195,4 +211,10 @@ def _eval_pairs(ns, policy, reference, tokenizer) -> dict:
     return evaluate_pairs(policy, reference, pairs, config, rt, tokenizer.pad_token_id)
 
 
-RUNNERS = {"demo": run_demo, "generate": run_generate, "eval": run_eval}
+def run_label(ns: argparse.Namespace) -> int:
+    from .label_cli import run_label as run
+
+    return run(ns)
+
+
+RUNNERS = {"demo": run_demo, "generate": run_generate, "eval": run_eval, "label": run_label}
