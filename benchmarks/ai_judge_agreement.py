@@ -82,7 +82,8 @@ def measure(name: str, policy_dir: Path, judge_dir: Path, rules: Constitution, p
     tokenizer, policy = load_for_inference(str(policy_dir), device)
     p, first, second, first_better = gold_pairs(policy, tokenizer, prompts, gold,
                                                 max_new_tokens=args.max_new_tokens, seed=args.seed)
-    judge_tok, judge_model = (tokenizer, policy) if judge_dir == policy_dir else load_for_inference(str(judge_dir), device)
+    same = judge_dir == policy_dir
+    judge_tok, judge_model = (tokenizer, policy) if same else load_for_inference(str(judge_dir), device)
     judge = AIJudge(judge_model, judge_tok, rules, batch_size=args.batch_size, progress=True)
     votes = judge.votes(p, first, second)
     n_rules = len(rules.principles)

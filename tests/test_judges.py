@@ -139,7 +139,8 @@ def test_stories_tokenizer_labels_of_different_token_counts(stories_dir):
     tok = AutoTokenizer.from_pretrained(stories_dir)
     model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
     rules = Constitution(principles=("Which story is happier?",), template="{first} {second} {principle} Answer:")
-    assert len(tok(" A", add_special_tokens=False)["input_ids"]) != len(tok(" B", add_special_tokens=False)["input_ids"])
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert count(" A") != count(" B")
     judge = AIJudge(model, tok, rules)
     q = rules.question("Which story is happier?", "", "Lily was happy.", "Tom was sad.")
     assert judge.first_label_probabilities([q]) == pytest.approx([p_first_label(model, tok, rules, q)], abs=1e-5)

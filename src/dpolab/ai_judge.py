@@ -75,6 +75,7 @@ class AIJudge(Judge):
         self.context = context or model_context(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._warned = False
+        self._room_tokens: int | None = None
 
     @classmethod
     def load(cls, model_path: str, *, constitution: str | None = None, device: str = "auto",
@@ -183,9 +184,11 @@ class AIJudge(Judge):
 
     def _room(self) -> int:
         """Tokens a question may take: the context less the longer label and a little slack for merges."""
-        longest = max(len(self.tokenizer(self.constitution.answer_prefix + x, add_special_tokens=False)["input_ids"])
-                      for x in self.constitution.labels)
-        return self.context - longest - 2
+        if self._room_tokens is None:
+            longest = max(len(self.tokenizer(self.constitution.answer_prefix + x, add_special_tokens=False)
+                              ["input_ids"]) for x in self.constitution.labels)
+            self._room_tokens = self.context - longest - 2
+        return self._room_tokens
 
     def _fit(self, principle: str, prompt: str, first: str, second: str) -> str:
         """The question, with the responses cut from their ends when it exceeds the judge's context."""

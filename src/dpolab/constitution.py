@@ -112,14 +112,15 @@ class Constitution:
         _check_template(template, source)
         if (not isinstance(labels, list) or len(labels) != 2 or not all(isinstance(x, str) and x for x in labels)
                 or labels[0] == labels[1]):
-            raise ConfigError("constitution.labels", f"{source}: expected two different non-empty texts, got {labels!r}",
-                              "e.g. labels: [A, B]")
+            raise ConfigError("constitution.labels", f"{source}: expected two different non-empty texts, "
+                              f"got {labels!r}", "e.g. labels: [A, B]")
         if not isinstance(prefix, str):
             raise ConfigError("constitution.answer_prefix", f"{source}: expected a text, got {prefix!r}",
                               "e.g. answer_prefix: \" \" (quoted)")
         if aggregate not in AGGREGATES:
             raise ConfigError("constitution.aggregate", f"{source}: expected one of {', '.join(AGGREGATES)}, "
-                              f"got {aggregate!r}", "mean averages the principles' probabilities; majority counts votes")
+                              f"got {aggregate!r}",
+                              "mean averages the principles' probabilities; majority counts votes")
         return cls(tuple(principles), template, (labels[0], labels[1]), prefix, aggregate, source)
 
     def question(self, principle: str, prompt: str, first: str, second: str) -> str:
@@ -130,9 +131,10 @@ class Constitution:
 
 def _check_template(template, source: str) -> None:
     if not isinstance(template, str) or not template.strip():
-        raise ConfigError("constitution.template", f"{source}: expected a non-empty text", "see examples/constitution.yaml")
+        raise ConfigError("constitution.template", f"{source}: expected a non-empty text",
+                          "see examples/constitution.yaml")
     try:
-        names = {name for _, name, spec, conv in string.Formatter().parse(template) if name is not None}
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as e:
         raise ConfigError("constitution.template", f"{source}: not a valid template ({e})",
                           "write literal braces as {{ and }}") from None
