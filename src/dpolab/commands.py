@@ -1,5 +1,6 @@
 """``dpolab demo``, ``dpolab generate`` and ``dpolab eval``: parsers and what each runs (``dpolab reward``
-lives in ``reward_cli.py`` and ``dpolab iterate`` in ``iterate_cli.py``; both are registered here).
+lives in ``reward_cli.py``, ``dpolab label`` in ``label_cli.py`` and ``dpolab iterate`` in ``iterate_cli.py``;
+they are registered here).
 
 ``cli.py`` owns the program and ``train``; this module adds the commands built around the trainer.
 Heavy imports (torch, transformers) happen inside the runners, so ``--help`` stays fast. Every
@@ -79,9 +80,10 @@ def add_commands(sub, formatter) -> None:
                     "when --model is a dpolab run's final/ folder; without one, pairs are compared on log π alone)")
     ev.add_argument("--data", metavar="PAIRS", help="held-out preference pairs (any format dpolab train reads)")
     ev.add_argument("--prompts", metavar="FILE", help="held-out prompts: one per line, or JSONL rows with 'prompt'")
-    ev.add_argument("--judge", metavar="MODULE:FUNCTION", help="reward function (prompts, completions) -> "
-                    "rewards, e.g. dpolab.demo.grammar:review_reward, or a reward model folder (dpolab reward "
-                    "train's OUTPUT_DIR/final); needs --prompts")
+    ev.add_argument("--judge", metavar="SPEC", help="a judge, needs --prompts: MODULE:FUNCTION (prompts, "
+                    "completions) -> rewards, e.g. dpolab.demo.grammar:review_reward; a reward model folder; or "
+                    "ai:MODEL (pairwise: the win rate is its mean P(π's sample better than π_ref's))")
+    ev.add_argument("--constitution", metavar="YAML", help="principles of an ai:MODEL judge (see dpolab label)")
     ev.add_argument("--beta", type=float, metavar="X", help="β of the implicit reward β·(log π − log π_ref) "
                     "(default: the run's β when --model is a dpolab run's final/ folder, else 0.1)")
     ev.add_argument("--max-length", type=int, default=1024, metavar="N", help="longest prompt + completion of a pair")
@@ -95,6 +97,10 @@ def add_commands(sub, formatter) -> None:
     from .reward_cli import add_reward_command  # dpolab reward train|score
 
     add_reward_command(sub, formatter)
+
+    from .label_cli import add_label_command
+
+    add_label_command(sub, formatter)
 
 
 def _add_sampling_arguments(parser) -> None:
@@ -153,7 +159,8 @@ def run_eval(ns: argparse.Namespace) -> int:
         raise ConfigError("judge", "a judge scores sampled completions and needs prompts", "add --prompts FILE")
     check_sampling(num_samples=1, max_new_tokens=ns.max_new_tokens, temperature=1.0, top_p=1.0,
                    batch_size=ns.batch_size)
-    judge = load_judge(ns.judge, device=ns.device, batch_size=ns.batch_size) if ns.judge else None
+    judge = load_judge(ns.judge, device=ns.device, constitution=ns.constitution, batch_size=ns.batch_size) \
+        if ns.judge else None
     prompts = read_prompts(ns.prompts) if ns.prompts else None
     run = run_config(ns.model)  # a dpolab run's final/: its starting model and β are the defaults
     reference_path = ns.reference or run.get("reference_model") or run.get("model")  # the run's own π_ref
@@ -166,10 +173,17 @@ def run_eval(ns: argparse.Namespace) -> int:
     if ns.data:
         metrics.update(_eval_pairs(ns, policy, reference, tokenizer))
     if prompts:
-        sampled = evaluate_by_sampling(policy, reference, tokenizer, prompts, judge=judge,
+        pointwise = judge.score if judge is not None and judge.pointwise else None
+        sampled = evaluate_by_sampling(policy, reference, tokenizer, prompts, judge=pointwise,
                                        max_new_tokens=ns.max_new_tokens, seed=ns.seed, batch_size=ns.batch_size,
                                        progress=ns.progress)
         metrics.update(sampled.metrics)
+        if judge is not None and pointwise is None:  # a pairwise judge compares π's and π_ref's samples
+            from .label_cli import pairwise_win_rate
+
+            metrics.update(pairwise_win_rate(judge, reference, tokenizer, prompts, sampled.policy_samples,
+                                             max_new_tokens=ns.max_new_tokens, seed=ns.seed,
+                                             batch_size=ns.batch_size, progress=ns.progress))
     for key, value in metrics.items():
         print(f"{key:32s} {value:.4f}" if isinstance(value, float) else f"{key:32s} {value}")
     if ns.output:
@@ -211,6 +225,12 @@ def run_reward(ns: argparse.Namespace) -> int:
     return run(ns)
 
 
+def run_label(ns: argparse.Namespace) -> int:
+    from .label_cli import run_label as run
+
+    return run(ns)
+
+
 def run_iterate(ns: argparse.Namespace) -> int:
     from .iterate_cli import run
 
@@ -218,4 +238,4 @@ def run_iterate(ns: argparse.Namespace) -> int:
 
 
 RUNNERS = {"demo": run_demo, "generate": run_generate, "eval": run_eval, "reward": run_reward,
-           "iterate": run_iterate}
+           "iterate": run_iterate, "label": run_label}

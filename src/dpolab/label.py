@@ -56,6 +56,15 @@ def label_pairs(policy, tokenizer, prompts: list[str], judge: Judge, *, samples:
     drawn = generate(policy, tokenizer, prompts, num_samples=samples, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
                      desc="sampling for labels")
+    return label_samples(prompts, drawn, judge, samples=samples, rule=rule)
+
+
+def label_samples(prompts: list[str], drawn: list[Sample], judge: Judge, *, samples: int,
+                  rule: PairRule = "best-worst") -> Labelled:
+    """Rank already drawn samples (``samples`` per prompt, in prompt order, as ``generate`` returns them)
+    with ``judge`` and pair them; several judges can label the same samples this way."""
+    if len(drawn) != samples * len(prompts):
+        raise ValueError(f"expected {samples} samples for each of {len(prompts)} prompts, got {len(drawn)}")
     groups = [[s.completion for s in drawn[i * samples:(i + 1) * samples]] for i in range(len(prompts))]
     scores = rank_groups(judge, prompts, groups)
     return Labelled(pair_rows(prompts, groups, scores, rule), drawn, [x for row in scores for x in row])
