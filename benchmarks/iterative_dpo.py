@@ -3,6 +3,7 @@
     python benchmarks/iterative_dpo.py                                  # gold judge, seeds 0,1,2
     python benchmarks/iterative_dpo.py --judge runs/rm/final            # a reward model labels the pairs
     python benchmarks/iterative_dpo.py --offline-betas 1,2,4 --seeds 0  # offline β sweep: compare at similar KL
+    python benchmarks/iterative_dpo.py --rm-judge                       # gold judge vs a learned reward model
 
 Every run is ``dpolab iterate --demo`` in process (``dpolab.iterate.iterate``): the demo's self-trained
 π_ref (cached under --workdir), the same 3·P training prompts and the same held-out prompts for all runs,
@@ -29,15 +30,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules (reward_model, _rm_judge)
 
-def run(workdir: Path, name: str, seed: int, args, **options) -> list[dict]:
+
+def run(workdir: Path, name: str, seed: int, args, judge: str | None = None, **options) -> list[dict]:
     from dpolab.iterate import iterate
-    from dpolab.iterate_cli import IterateConfig
 
-    config = IterateConfig(demo=True, output_dir=str(workdir / f"seed{seed}" / name), cache_dir=str(workdir / "cache"),
-                           judge=args.judge, seed=seed, samples_per_prompt=args.samples_per_prompt,
-                           eval_prompt_count=args.eval_prompts, learning_rate=args.learning_rate,
-                           progress=False, **options)
+    config = make_config(workdir, name, seed, args, judge, **options)
     if args.verbose:
         return iterate(config)
     log = Path(config.output_dir + ".log")  # the training runs print their own lines: keep them in a file
@@ -46,10 +45,23 @@ def run(workdir: Path, name: str, seed: int, args, **options) -> list[dict]:
         return iterate(config)
 
 
+def make_config(workdir: Path, name: str, seed: int, args, judge: str | None = None, **options):
+    from dpolab.iterate_cli import IterateConfig
+
+    return IterateConfig(demo=True, output_dir=str(workdir / f"seed{seed}" / name), cache_dir=str(workdir / "cache"),
+                           judge=judge, seed=seed, samples_per_prompt=args.samples_per_prompt,
+                           eval_prompt_count=args.eval_prompts, learning_rate=args.learning_rate,
+                           progress=False, **options)
+
+
+def folder_name(name: str) -> str:
+    return name.replace(" ", "").replace(",", "-").replace("=", "")
+
+
 def fmt(mean, err, digits=3) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    return f"{mean:.{digits}f} ± {err:.{digits}f}" if err is not None else f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {err:.{digits}f}" if err is not None and not math.isnan(err) else f"{mean:.{digits}f}"
 
 
 def table(results: dict[str, list[dict]]) -> None:
@@ -75,7 +87,7 @@ def mean_of(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--judge", default=None, help="who labels the training pairs (module:function, reward-model "
                     "folder, ai:MODEL); default: the gold reward. Evaluation is always by the gold reward")
@@ -94,7 +106,22 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="seeds (π_ref, prompts, sampling, training) to average over")
     ap.add_argument("--workdir", default="/tmp/dpolab-bench/iterative", help="π_ref cache and run folders")
     ap.add_argument("--verbose", action="store_true", help="print every run's log")
-    args = ap.parse_args(argv)
+    ap.add_argument("--rm-judge", action="store_true", help="instead of the offline comparison: train a reward "
+                    "model per seed as benchmarks/reward_model.py does (π_ref's samples of 256 prompts paired by the "
+                    "gold reward) and run the iterative arm (ref previous) with the gold judge and with it")
+    ap.add_argument("--rm-prompts", choices=("disjoint", "shared"), default="disjoint", help="--rm-judge: the "
+                    "reward model's 256 prompts avoid every prompt of the iterative runs (disjoint), or are "
+                    "benchmarks/reward_model.py's own, which are round 1's training prompts (shared); never "
+                    "held-out ones")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.rm_judge:
+        from _rm_judge import compare_judges
+
+        return compare_judges(args)
     workdir = Path(args.workdir)
     seeds = [int(s) for s in args.seeds.split(",")]
     P, K = args.prompts_per_round, args.rounds
@@ -117,8 +144,7 @@ def main(argv=None) -> int:
         results = {}
         for name, options in runs.items():
             started = time.perf_counter()
-            results[name] = run(workdir, name.replace(" ", "").replace(",", "-").replace("=", ""), seed, args,
-                                **options)
+            results[name] = run(workdir, folder_name(name), seed, args, judge=args.judge, **options)
             finals[name].append(results[name][-1])
             print(f"  seed {seed}: {name} done in {time.perf_counter() - started:.0f}s", file=sys.stderr)
         print(f"\nseed {seed}:")

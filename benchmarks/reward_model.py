@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -69,6 +70,21 @@ def sample(reference, tokenizer, prompts, n, seed, max_new_tokens):
     return samples, grammar.review_reward([s.prompt for s in samples], [s.completion for s in samples])
 
 
+def make_data(reference, tokenizer, out: Path, args, exclude: frozenset[str] = frozenset()) -> SimpleNamespace:
+    """The demo's pairs: π_ref's samples of ``args.train_prompts`` prompts (seed ``args.seed``) and of
+    ``args.eval_prompts`` other prompts, paired by the gold reward; written under ``out/data``. Prompts in
+    ``exclude`` are skipped (e.g. another run's prompts, which the reward model must not see)."""
+    train_prompts = grammar.review_prompts(args.train_prompts, args.seed, exclude=set(exclude))
+    eval_prompts = grammar.review_prompts(args.eval_prompts, args.seed + 1, exclude=set(train_prompts) | set(exclude))
+    samples, rewards = sample(reference, tokenizer, train_prompts, args.samples, args.seed, args.max_new_tokens)
+    held, gold = sample(reference, tokenizer, eval_prompts, args.samples, args.seed + 2, args.max_new_tokens)
+    train_rows, eval_rows = make_pairs(samples, rewards, args.samples), make_pairs(held, gold, args.samples)
+    return SimpleNamespace(train_prompts=train_prompts, eval_prompts=eval_prompts, held=held, gold=gold,
+                           train_rows=train_rows, eval_rows=eval_rows,
+                           train_file=write_rows(out / "data" / "train.jsonl", train_rows),
+                           eval_file=write_rows(out / "data" / "eval.jsonl", eval_rows))
+
+
 def train_rm(reference_dir, train_file, eval_file, out, args, name):
     config = TrainConfig(model=str(reference_dir), data=str(train_file), eval_data=str(eval_file),
                          output_dir=str(out / name), loss="bradley_terry", prefix_sharing=False, packing=False,
@@ -97,7 +113,8 @@ def measure(result, tokenizer, held, gold, n):
             "spearman": spearman(scores, gold), "best_of_n": sum(picked) / len(picked)}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The options (``benchmarks/iterative_dpo.py --rm-judge`` takes their defaults)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="runs/bench-reward-model")
     parser.add_argument("--cache-dir", default="runs/demo/cache", help="where π_ref is cached (the demo's by default)")
@@ -111,35 +128,35 @@ def main() -> None:
     parser.add_argument("--margin-scale", type=float, default=0.0, help="> 0: also train with margin = S x gold gap")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     out = Path(args.output_dir)
     reference_dir = build_reference(BaseSpec(seed=args.seed), Path(args.cache_dir), progress=False)
     tokenizer, reference = load_for_inference(str(reference_dir), torch.device("cpu"))
-    train_prompts = grammar.review_prompts(args.train_prompts, args.seed)
-    eval_prompts = grammar.review_prompts(args.eval_prompts, args.seed + 1, exclude=set(train_prompts))
-    samples, rewards = sample(reference, tokenizer, train_prompts, args.samples, args.seed, args.max_new_tokens)
-    held, gold = sample(reference, tokenizer, eval_prompts, args.samples, args.seed + 2, args.max_new_tokens)
-    train_rows, eval_rows = make_pairs(samples, rewards, args.samples), make_pairs(held, gold, args.samples)
-    train_file = write_rows(out / "data" / "train.jsonl", train_rows)
-    eval_file = write_rows(out / "data" / "eval.jsonl", eval_rows)
-    print(f"data: {len(train_rows):,} training pairs from {len(train_prompts)} prompts x {args.samples} samples; "
-          f"{len(eval_rows):,} held-out pairs from {len(eval_prompts)} other prompts")
+    data = make_data(reference, tokenizer, out, args)
+    train_rows, eval_rows, train_file, eval_file = data.train_rows, data.eval_rows, data.train_file, data.eval_file
+    held, gold = data.held, data.gold
+    print(f"data: {len(train_rows):,} training pairs from {len(data.train_prompts)} prompts x {args.samples} "
+          f"samples; {len(eval_rows):,} held-out pairs from {len(data.eval_prompts)} other prompts")
     runs = [("rm", train_file)]
     if args.margin_scale > 0:
         rows = [{**r, "margin": args.margin_scale * (r["chosen_reward"] - r["rejected_reward"])} for r in train_rows]
         runs.append((f"rm-margin{args.margin_scale:g}", write_rows(out / "data" / "train-margin.jsonl", rows)))
     table = []
-    for name, data in runs:
-        result, seconds = train_rm(reference_dir, data, eval_file, out, args, name)
+    for name, file in runs:
+        result, seconds = train_rm(reference_dir, file, eval_file, out, args, name)
         table.append({"name": name, "steps": result.steps, "seconds": round(seconds, 1),
                       **measure(result, tokenizer, held, gold, args.samples)})
     n = args.samples
     random_pick = sum(gold) / len(gold)
     oracle = sum(max(gold[i:i + n]) for i in range(0, len(gold), n)) / (len(gold) // n)
-    print(f"\nheld-out: {len(eval_rows):,} pairs, {len(held):,} samples of {len(eval_prompts)} prompts; gold reward of "
-          f"a random sample {random_pick:.3f}, of the gold-best of {n} {oracle:.3f}")
+    print(f"\nheld-out: {len(eval_rows):,} pairs, {len(held):,} samples of {len(data.eval_prompts)} prompts; "
+          f"gold reward of a random sample {random_pick:.3f}, of the gold-best of {n} {oracle:.3f}")
     print(f"{'model':16s} {'steps':>5s} {'train s':>7s} {'pair acc.':>9s} {'eval loss':>9s} {'Spearman':>8s} "
           f"{'best-of-' + str(n) + ' gold':>15s}")
     for row in table:
