@@ -353,17 +353,24 @@ def _suggest(word: str, options, lead: str) -> str:
     return f"{hint}{lead}: {', '.join(sorted(options))}"
 
 
-def read_yaml(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
-    """Read a YAML config file into field values (dashes in keys are accepted), rejecting unknown keys."""
+def load_yaml_file(path: str | Path, field: str, syntax_fix: str) -> Any:
+    """The parsed content of a YAML file; a missing file or a syntax error is a ConfigError on ``field``
+    (naming the line), with ``syntax_fix`` as the fix for the latter."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError("config", f"file not found: {p}", "check the path given to --config")
+        raise ConfigError(field, f"file not found: {p}", f"check the path given to --{field.replace('_', '-')}")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError("config", f"{p} is not valid YAML{where}", "fix the syntax (key: value per line)") from None
+        raise ConfigError(field, f"{p} is not valid YAML{where}", syntax_fix) from None
+
+
+def read_yaml(path: str | Path, cls: type = TrainConfig) -> dict[str, Any]:
+    """Read a YAML config file into field values (dashes in keys are accepted), rejecting unknown keys."""
+    p = Path(path)
+    raw = load_yaml_file(p, "config", "fix the syntax (key: value per line)")
     if raw is None:
         return {}
     if not isinstance(raw, dict):

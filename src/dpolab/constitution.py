@@ -74,19 +74,10 @@ class Constitution:
         """The constitution in the YAML file ``path``; the built-in default when ``path`` is None."""
         if path is None:
             return cls.default()
-        import yaml
+        from .config import load_yaml_file
 
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("constitution", f"file not found: {p}", "check the path given to --constitution")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            where = f" at line {line + 1}" if line is not None else ""
-            raise ConfigError("constitution", f"{p} is not valid YAML{where}",
-                              "fix the syntax; see examples/constitution.yaml") from None
-        return cls.parse(raw, str(p))
+        raw = load_yaml_file(path, "constitution", "fix the syntax; see examples/constitution.yaml")
+        return cls.parse(raw, str(path))
 
     @classmethod
     def parse(cls, raw, source: str = "constitution") -> "Constitution":
