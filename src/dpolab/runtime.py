@@ -50,6 +50,10 @@ class Runtime:
     @classmethod
     def create(cls, device: str = "auto", precision: str = "auto") -> "Runtime":
         dev = resolve_device(device)
+        if dev.type == "cpu" and not torch.cuda.is_available():
+            # transformers/accelerate import DeepSpeed when it is installed (e.g. in save_pretrained); on a
+            # machine without GPUs it would warn that it "was unable to detect" one. Tell it the answer.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if precision == "auto":
             precision = "bf16" if bf16_is_fast(dev) else "fp32"
         rank = int(os.environ.get("RANK", 0))
