@@ -243,8 +243,9 @@ class _Run:
         warmup = math.floor(config.warmup_ratio * total_steps)
         self.logger = MetricsLogger(self.out, report_to=config.report_to, run_name=config.run_name,
                                     config=config.to_dict(), enabled=rt.is_main)
+        reference = config.reference if self.reference is not None else "none"
         self.say(f"training: {len(self.data.train):,} pairs, {per_epoch:,} steps per epoch, {total_steps:,} steps, "
-                 f"precision {rt.precision}, device {rt.device}, reference {config.reference if self.reference is not None else 'none'}, loss {config.loss}")
+                 f"precision {rt.precision}, device {rt.device}, reference {reference}, loss {config.loss}")
         result = TrainResult(output_dir=self.out, steps=state.step, model=self.model)
         window = MetricSums.restore(state.window_sums, state.window_pairs)
         self.started, self.elapsed_before = time.perf_counter(), state.elapsed_s
