@@ -250,6 +250,49 @@ def save_merged(path: Path, model: torch.nn.Module, tokenizer) -> torch.nn.Modul
     return merged
 
 
+def save_merged_weights(path: Path, model: torch.nn.Module, state_dict: dict, tokenizer) -> None:
+    """``--merge-lora`` of a sharded run (``--fsdp``/``--deepspeed``), on the main process: ``state_dict``
+    holds the whole gathered weights of the peft ``model`` (base and adapter). They are loaded into a CPU
+    copy of the model's architecture (allocated uninitialized, not randomly initialized), which peft merges
+    and which is saved as a plain model; the sharded ``model`` itself is left as it is."""
+    import copy
+
+    from .checkpoint import save_pretrained
+
+    peft = _peft("merge_lora")
+    base = unwrap(model)
+    with torch.device("meta"):
+        plain = type(base)(base.config)
+    plain.to_empty(device="cpu")
+    plain.tie_weights()  # to_empty gives tied weights separate storage: tie them again
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = peft.PeftModel(plain, copy.deepcopy(model.peft_config[ADAPTER]))
+    result = wrapped.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if "lm_head" not in k and "embed" not in k]  # tied: stored once
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"gathered weights do not fit the model (missing {missing[:3]}, "
+                           f"unexpected {result.unexpected_keys[:3]})")
+    save_pretrained(path, wrapped.merge_and_unload(), tokenizer)
+
+
+def adapter_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The adapter's tensors (every LoRA A and B), named as in ``model.state_dict()``."""
+    return [(name, p) for name, p in model.named_parameters() if ".lora_" in name]
+
+
+def to_model_keys(model: torch.nn.Module, weights: dict, path: Path) -> dict:
+    """A saved adapter's tensors (peft's file names leave out the adapter's name) keyed as in
+    ``model.state_dict()``; a file that is not this model's adapter is refused (``--resume``)."""
+    names = {name.replace(f".{ADAPTER}.", "."): name for name, _ in adapter_parameters(model)}
+    missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
+    if missing or unexpected or not weights:
+        raise ConfigError("resume", f"checkpoint {path} does not hold this run's LoRA adapter "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+                          "resume with the same --model and --lora-* options")
+    return {names[k]: v for k, v in weights.items()}
+
+
 def load_adapter_weights(model: torch.nn.Module, weights: dict, path: Path) -> None:
     """Load a saved adapter's tensors (a checkpoint's ``adapter_model.safetensors``) into ``model``."""
     from peft import set_peft_model_state_dict

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from . import lora
 from .distributed import _Scorer
 from .reference import model_fingerprint
 from .runtime import Runtime
@@ -90,6 +92,12 @@ class ShardedPolicy:
         """The whole weights on CPU, gathered from all shards; every process must call it."""
         return get_model_state_dict(self.model, options=FULL_ON_CPU)
 
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """LoRA: the adapter's whole tensors on CPU, each gathered from its shards (the frozen base
+        weights stay sharded, nothing else is gathered); every process must call it."""
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+                for name, p in lora.adapter_parameters(self.model)}
+
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """The whole AdamW state on CPU (keyed by parameter names), gathered from all shards; every
         process must call it (the main process gets it, the others an empty dict)."""
@@ -98,7 +106,14 @@ class ShardedPolicy:
     def load_full_state(self, weights: dict[str, Tensor], optimizer_state: dict, optimizer: torch.optim.Optimizer,
                         path=None) -> tuple[list[str], list[str]]:
         """--resume: every process reads the whole checkpoint and keeps its shards; returns (missing,
-        unexpected) weight names (the tied LM head is stored once)."""
+        unexpected) weight names (the tied LM head is stored once). LoRA: ``weights`` is the adapter
+        only (the base weights are those loaded at the start, never trained)."""
+        if lora.is_lora(self.model):
+            weights = lora.to_model_keys(self.model, weights, path)  # refuses another adapter
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            set_optimizer_state_dict(self.model, optimizer, optimizer_state,
+                                     options=StateDictOptions(full_state_dict=True))
+            return [], []
         keys = set(self.model.state_dict())
         missing = sorted(keys - set(weights))
         unexpected = sorted(set(weights) - keys)

@@ -148,6 +148,8 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
         for diff in ckpt.check_resumable(ckpt.read_run_info(resume_from), info, config.resume_force):
             say(f"resume: differs from the checkpoint (--resume-force): {diff}")
     loss_fn = get_loss(config.loss)
+    # LoRA: whether the reference is the base model is read from the whole adapter, before it is sharded
+    reference_scope = lora.initial_reference(model)
     sharded = _shard(model, config, rt, say)  # --fsdp/--deepspeed: before the reference pass, which scores with them
     reference = None
     if not getattr(loss_fn, "reference_free", False):  # built from the initial weights, before any resume
@@ -155,7 +157,7 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
             reference = ModelReference(model, rt)
         else:
             splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
-            with lora.initial_reference(model):  # LoRA: a fresh adapter scores with adapters off (dpolab.lora)
+            with reference_scope:  # LoRA: a fresh adapter scores with adapters off (dpolab.lora)
                 reference = PrecomputedReference.build(
                     sharded or model, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
                     pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say,
@@ -273,15 +275,27 @@ class _Run:
         result.steps = state.step
         if self.data.eval and not config.eval_steps:
             result.eval_metrics = self._evaluate(epoch)
-        weights = self._full_weights()  # every process joins the gathering under --fsdp
+        weights = self._full_weights()  # every process joins the gathering under --fsdp/--deepspeed
         if rt.is_main:
             ckpt.save_pretrained(self.out / "final", self.model, self.tokenizer, state_dict=weights)
-            if config.merge_lora:  # merged in place: no second copy; result.model becomes the merged model
-                result.model = lora.save_merged(self.out / "final-merged", self.model, self.tokenizer)
-                self.say(f"merged LoRA model saved to {self.out / 'final-merged'}")
+        if config.merge_lora:
+            self._save_merged(result)
         self.logger.close()
         self.say(f"done: {state.step} steps in {self._elapsed():.1f}s; model saved to {self.out / 'final'}")
         return result
+
+    def _save_merged(self, result: TrainResult) -> None:
+        """--merge-lora: final-merged/, the adapter merged into the base weights. Unsharded: in place (no
+        second copy; result.model becomes the merged model). Sharded: from the whole weights, gathered
+        by every process, merged in a CPU copy on the main process (``lora.save_merged_weights``)."""
+        path = self.out / "final-merged"
+        if getattr(self.policy, "lockstep", False):
+            weights = self.policy.full_state_dict()
+            if self.rt.is_main:
+                lora.save_merged_weights(path, self.model, weights, self.tokenizer)
+        elif self.rt.is_main:
+            result.model = lora.save_merged(path, self.model, self.tokenizer)
+        self.say(f"merged LoRA model saved to {path}")
 
     def _optimizer_step(self, micro_batches: list[tuple[PairBatch, bool]], lr: float, window: MetricSums) -> float:
         """Forward/backward over the micro-batches, clip, update; a non-finite step is skipped."""
@@ -406,8 +420,11 @@ class _Run:
         return self.policy if getattr(self.policy, "lockstep", False) else self.model
 
     def _full_weights(self) -> dict | None:
-        """Under --fsdp the whole weights gathered from the shards (a collective), else None (the model's own)."""
-        return self.policy.full_state_dict() if getattr(self.policy, "lockstep", False) else None
+        """Under --fsdp/--deepspeed what final/ and checkpoints hold, gathered from the shards (a collective):
+        the whole weights, or with LoRA the adapter only; else None (the model's own)."""
+        if not getattr(self.policy, "lockstep", False):
+            return None
+        return self.policy.adapter_state_dict() if lora.is_lora(self.model) else self.policy.full_state_dict()
 
     def _interrupted_message(self, signum: int) -> str:
         return (f"interrupted at step {self.state.step}; checkpoint saved to {self.out / 'checkpoints'}. "

@@ -144,8 +144,6 @@ def _validate_fsdp(c) -> None:
         return
     _check(c.reference != "model", "reference", "--fsdp shards the policy, but --reference model would keep a "
            "whole unsharded copy on every process", "use --reference precompute (the default) with --fsdp")
-    _check(not c.lora_r, "lora_r", "LoRA adapters are not sharded with --fsdp", "drop --fsdp (LoRA already saves "
-           "most memory), or train without --lora-r")
 
 
 def _validate_deepspeed(c) -> None:
@@ -155,8 +153,6 @@ def _validate_deepspeed(c) -> None:
     _check(not c.fsdp, "fsdp", "--fsdp and --deepspeed are two ways to shard the same model", "pick one of them")
     _check(c.reference != "model", "reference", "--reference model would keep a whole unsharded copy beside the "
            "DeepSpeed engine", "use --reference precompute (the default) with --deepspeed")
-    _check(not c.lora_r, "lora_r", "LoRA adapters are not combined with --deepspeed yet",
-           "drop --deepspeed (LoRA already saves most memory), or train without --lora-r")
     _check(c.kl_eval_steps is None, "kl_eval_steps", "sampling from a DeepSpeed-partitioned policy is not "
            "supported", "drop --kl-eval-steps, or estimate KL afterwards with dpolab eval")
     _check(not c.online, "online", "sampling from a DeepSpeed-partitioned policy is not supported",

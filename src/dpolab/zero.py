@@ -33,6 +33,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from . import lora
 from .errors import ConfigError
 from .reference import model_fingerprint
 from .runtime import Runtime
@@ -209,17 +210,23 @@ class DeepSpeedPolicy:
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """The whole weights on CPU in fp32 (gathered under ZeRO-3); every process must call it."""
+        with self._gathered(list(self.model.parameters())):
+            return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """LoRA: the adapter's whole tensors on CPU in fp32 (under ZeRO-3 only they are gathered, the
+        frozen base weights stay partitioned); every process must call it."""
+        named = lora.adapter_parameters(self.model)
+        with self._gathered([p for _, p in named]):
+            return {name: p.detach().float().cpu().clone() for name, p in named}
+
+    def _gathered(self, params: list) -> contextlib.AbstractContextManager:
+        """ZeRO-3: ``params`` whole on every process inside the block (read only); else nothing to do."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
         import deepspeed
 
-        params = list(self.model.parameters())
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.stage == 3 else None
-        if gather is not None:
-            gather.__enter__()
-        try:
-            return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
-        finally:
-            if gather is not None:
-                gather.__exit__(None, None, None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def wrap(model: torch.nn.Module, config, optimizer: torch.optim.Optimizer, rt: Runtime) -> DeepSpeedPolicy:
