@@ -18,6 +18,11 @@ What decides between "adapters disabled" and "as loaded" is whether the adapter 
 B zero, checked on the weights, see ``adapter_is_noop``): disabling a no-op adapter changes nothing but
 skips its compute, and makes "equal to the base model" exact by construction.
 
+Sharded (``--fsdp``, ``--deepspeed``): the same model, wrapped by ``dpolab.sharding`` or ``dpolab.zero``
+after peft. The no-op check runs on the whole weights before sharding; saving gathers the adapter's
+tensors only (``adapter_parameters``), and ``--merge-lora`` merges gathered weights in a CPU copy
+(``save_merged_weights``), since a sharded model cannot be merged in place.
+
 peft is optional: asking for LoRA without it is a one-line ``ConfigError`` (``pip install peft``).
 """
 

@@ -19,6 +19,13 @@ writes them as a plain ``save_pretrained`` folder (final/ and checkpoints alike)
 hold the whole AdamW state (``get_optimizer_state_dict``, keyed by parameter names), so ``--resume``
 reads both on every process and each keeps its shards (``load_full_state``); the checkpoint does not
 depend on the number of processes that wrote it.
+
+LoRA (peft): a decoder layer's unit holds its frozen weights and its adapter's A and B together
+(FSDP2 shards each parameter by itself, so requires_grad may differ inside a unit); the optimizer
+holds the adapter's shards only. Saving gathers only the adapter (``adapter_state_dict``, peft's
+format for final/ and checkpoints), and ``--resume`` loads the adapter and its optimizer state into
+the shards, the frozen weights being those loaded from ``--model``. ``--merge-lora`` gathers the
+whole weights once at the end (``dpolab.lora.save_merged_weights``).
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ As with FSDP (``dpolab.sharding``), every process runs every forward together (`
 saving gathers the whole weights to CPU, written by rank 0 as a plain ``save_pretrained`` folder.
 Checkpoints also hold DeepSpeed's own state (``engine.save_checkpoint`` under
 ``checkpoints/deepspeed/step-N``), which ``--resume`` reloads with the same number of processes.
+
+LoRA (peft): the engine gets only the adapter's parameters to optimize; ZeRO-3 partitions the frozen
+weights as well. final/ and checkpoints hold the adapter in peft's format, gathered alone
+(``adapter_state_dict``: ``GatheredParameters`` over the adapter's tensors under ZeRO-3);
+``--merge-lora`` gathers the whole weights once (``dpolab.lora.save_merged_weights``).
 """
 
 from __future__ import annotations
