@@ -10,6 +10,7 @@ Each torchrun launch costs seconds of imports, so one launch serves several chec
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -208,3 +209,19 @@ def test_merging_gathered_weights_equals_peft_merging_the_model(tmp_path, tie):
         torch.testing.assert_close(got(input_ids=ids).logits, want(input_ids=ids).logits, atol=1e-5, rtol=0)
         assert float((got(input_ids=ids).logits - model.eval()(input_ids=ids).logits).abs().max()) > 1e-3  # not the base
     assert lora.is_lora(model)  # the model itself is left as it was (a sharded model cannot be merged in place)
+
+
+def test_continued_adapter_under_zero3_is_its_own_reference(setup, tmp_path):
+    """--model an adapter folder under ZeRO-3: whether the adapter is still a no-op is read before the
+    weights are partitioned (a partition alone looks all-zero), so the reference is the adapter as
+    loaded (step-1 loss ln 2), and the run equals the unsharded one."""
+    root, _ = setup
+    args = ["--model", root / "single" / "final", "--data", root / "train.jsonl", "--max-steps", "2",
+            "--logging-steps", "1", "--learning-rate", "1e-2", "--batch-size", "8", "--precision", "fp32",
+            "--device", "cpu", "--no-progress"]
+    assert main(["train", *map(str, args), "--output-dir", str(tmp_path / "plain")]) == 0
+    assert main(["train", *map(str, args), "--output-dir", str(tmp_path / "zero3"),
+                 "--deepspeed", str(root / "zero3.json")]) == 0
+    assert read_rows(tmp_path / "zero3")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert_same_rows(tmp_path / "zero3", tmp_path / "plain")
+    assert_same_files(tmp_path / "zero3", tmp_path / "plain", f"final/{ADAPTER}")
