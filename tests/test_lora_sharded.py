@@ -225,3 +225,20 @@ def test_continued_adapter_under_zero3_is_its_own_reference(setup, tmp_path):
     assert read_rows(tmp_path / "zero3")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert_same_rows(tmp_path / "zero3", tmp_path / "plain")
     assert_same_files(tmp_path / "zero3", tmp_path / "plain", f"final/{ADAPTER}")
+
+
+def test_fsdp_lora_in_bf16_trains_like_one_process(setup, tmp_path, tiny_model_dir):
+    """bf16 compute, fp32 shards and gradient reduction: the reference pass (adapters off) is FSDP's first
+    forward, where peft had marked the adapter frozen, so no gradient was cast back to fp32 (a crash).
+    bf16 rounding differs between 2 × batch 4 and 1 × batch 8, hence the looser tolerance."""
+    root, _ = setup
+    args = ["--model", tiny_model_dir, "--lora-r", "4", "--data", root / "train.jsonl", "--max-steps", "3",
+            "--logging-steps", "1", "--learning-rate", "1e-2", "--precision", "bf16", "--device", "cpu",
+            "--no-progress"]
+    assert main(["train", *map(str, args), "--batch-size", "8", "--output-dir", str(tmp_path / "one")]) == 0
+    launch(TORCHRUN, [*args, "--fsdp", "--batch-size", "4", "--output-dir", tmp_path / "fsdp"], tmp_path)
+    got, want = read_rows(tmp_path / "fsdp"), read_rows(tmp_path / "one")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-3)
+    adapter = load_file(tmp_path / "fsdp" / "final" / ADAPTER)
+    assert {v.dtype for v in adapter.values()} == {torch.float32}  # the fp32 shards, gathered

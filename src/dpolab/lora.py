@@ -196,10 +196,18 @@ def describe(model: torch.nn.Module) -> str:
 
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """Run ``model`` as its base model: every LoRA adapter off inside the block (peft's ``disable_adapter``)."""
+    """Run ``model`` as its base model: every LoRA adapter off inside the block (peft's ``disable_adapter``).
+
+    peft also clears the adapter's ``requires_grad`` while it is off; it is set again inside the block,
+    since FSDP2 reads it at its first forward (the precomputed reference pass, in this block) to pick
+    each unit's gradient reduce dtype: with the adapter seen frozen, bf16 gradients were never cast
+    to the fp32 shards. Off adapters take no part in the forward, so they get no gradient either way."""
     if not is_lora(model):
         raise TypeError(f"{type(model).__name__} has no LoRA adapters to disable")
+    trainable = [p for _, p in adapter_parameters(model) if p.requires_grad]
     with model.disable_adapter():
+        for p in trainable:
+            p.requires_grad_(True)
         yield
 
 
