@@ -22,6 +22,7 @@ Sharded (``--fsdp``, ``--deepspeed``): the same model, wrapped by ``dpolab.shard
 after peft. The no-op check runs on the whole weights before sharding; saving gathers the adapter's
 tensors only (``adapter_parameters``), and ``--merge-lora`` merges gathered weights in a CPU copy
 (``save_merged_weights``), since a sharded model cannot be merged in place.
+``adapters_disabled`` keeps the adapter's ``requires_grad`` (see there: FSDP2 reads it).
 
 peft is optional: asking for LoRA without it is a one-line ``ConfigError`` (``pip install peft``).
 """
@@ -265,23 +266,25 @@ def save_merged(path: Path, model: torch.nn.Module, tokenizer) -> torch.nn.Modul
 
 def save_merged_weights(path: Path, model: torch.nn.Module, state_dict: dict, tokenizer) -> None:
     """``--merge-lora`` of a sharded run (``--fsdp``/``--deepspeed``), on the main process: ``state_dict``
-    holds the whole gathered weights of the peft ``model`` (base and adapter). They are loaded into a CPU
-    copy of the model's architecture (allocated uninitialized, not randomly initialized), which peft merges
-    and which is saved as a plain model; the sharded ``model`` itself is left as it is."""
+    holds the whole gathered weights of the peft ``model`` (base and adapter). They become the weights
+    of a skeleton of the model's architecture built on the meta device (no second copy in memory, no
+    random initialization), which peft merges in place and which is saved as a plain model; the sharded
+    ``model`` itself is left as it is."""
     import copy
 
     from .checkpoint import save_pretrained
 
     peft = _peft("merge_lora")
     base = unwrap(model)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory: the gathered tensors become its weights (assign=True)
         plain = type(base)(base.config)
-    plain.to_empty(device="cpu")
-    plain.tie_weights()  # to_empty gives tied weights separate storage: tie them again
+    if getattr(base, "generation_config", None) is not None:  # saved as the unsharded merge saves it
+        plain.generation_config = copy.deepcopy(base.generation_config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         wrapped = peft.PeftModel(plain, copy.deepcopy(model.peft_config[ADAPTER]))
-    result = wrapped.load_state_dict(state_dict, strict=False)
+    result = wrapped.load_state_dict(state_dict, strict=False, assign=True)
+    plain.tie_weights()  # a tied LM head is the embedding again
     missing = [k for k in result.missing_keys if "lm_head" not in k and "embed" not in k]  # tied: stored once
     if missing or result.unexpected_keys:
         raise RuntimeError(f"gathered weights do not fit the model (missing {missing[:3]}, "

@@ -214,9 +214,19 @@ class DeepSpeedPolicy:
         return [], []
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """The whole weights on CPU in fp32 (gathered under ZeRO-3); every process must call it."""
-        with self._gathered(list(self.model.parameters())):
-            return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+        """The whole weights on CPU in fp32 for the main process (the others get an empty dict); every
+        process must call it. Under ZeRO-3 one weight is gathered at a time, so no device ever holds more
+        than its partitions and one whole weight (the model may be larger than one device)."""
+        import torch.distributed as dist
+
+        main = dist.get_rank() == 0
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        weights = {}
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            with self._gathered([params[key]] if key in params else []):
+                if main:
+                    weights[key] = value.detach().float().cpu().clone()
+        return weights
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """LoRA: the adapter's whole tensors on CPU in fp32 (under ZeRO-3 only they are gathered, the
@@ -227,7 +237,7 @@ class DeepSpeedPolicy:
 
     def _gathered(self, params: list) -> contextlib.AbstractContextManager:
         """ZeRO-3: ``params`` whole on every process inside the block (read only); else nothing to do."""
-        if self.stage != 3:
+        if self.stage != 3 or not params:
             return contextlib.nullcontext()
         import deepspeed
 
