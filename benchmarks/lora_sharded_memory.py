@@ -72,8 +72,9 @@ def worker(args) -> None:
                               learning_rate=1e-4, logging_steps=1, seed=0, progress=False,
                               fsdp=args.mode == "fsdp", deepspeed=args.deepspeed if args.mode == "zero3" else None))
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    print("MEASURED " + json.dumps({"rank": int(os.environ.get("RANK", 0)), **measured, "peak_rss_gb": rss_gb}),
-          flush=True)
+    rank = int(os.environ.get("RANK", 0))  # one file per process: their stdout lines may interleave
+    row = {"rank": rank, **measured, "peak_rss_gb": rss_gb}
+    (Path(args.out) / f"measured-{rank}.json").write_text(json.dumps(row))
 
 
 def run(mode: str, processes: int, args, model: Path, data: Path, workdir: Path) -> tuple[list[dict], float]:
@@ -89,8 +90,8 @@ def run(mode: str, processes: int, args, model: Path, data: Path, workdir: Path)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
-    rows = [json.loads(line.split("MEASURED ", 1)[1]) for line in proc.stdout.splitlines() if "MEASURED " in line]
-    return sorted(rows, key=lambda r: r["rank"]), wall
+    rows = [json.loads((out / f"measured-{rank}.json").read_text()) for rank in range(processes)]
+    return rows, wall
 
 
 def main(argv=None) -> int:
