@@ -156,7 +156,7 @@ def test_a_missing_config_fails_before_anything_is_written(tmp_path, tiny_model_
 
 
 @pytest.mark.parametrize("extra, field", [({"fsdp": True}, "fsdp"), ({"reference": "model"}, "reference"),
-                                          ({"lora_r": 8}, "lora_r"), ({"kl_eval_steps": 5}, "kl_eval_steps"),
+                                          ({"kl_eval_steps": 5}, "kl_eval_steps"),
                                           ({"online": True, "judge": "pkg.mod:reward"}, "online"),
                                           ({"reference_model": "other-model"}, "reference_model")])
 def test_deepspeed_refuses_what_it_does_not_combine_with(extra, field):

@@ -53,7 +53,7 @@ def test_fsdp_final_loads_as_a_plain_model(runs):
         torch.testing.assert_close(got[name], weight, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("extra, field", [({"reference": "model"}, "reference"), ({"lora_r": 8}, "lora_r")])
+@pytest.mark.parametrize("extra, field", [({"reference": "model"}, "reference")])
 def test_fsdp_refuses_what_it_does_not_shard(extra, field):
     base = {"model": "m", "data": "d.jsonl", "output_dir": "o", "fsdp": True}
     with pytest.raises(ConfigError) as info:

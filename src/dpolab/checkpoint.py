@@ -208,8 +208,8 @@ def read_run_info(path: Path) -> dict:
 def load_checkpoint(path: Path, model, optimizer, sharded=None) -> TrainState:
     """Load weights, optimizer, loop state and RNG states from ``path``.
 
-    ``sharded``: a sharded policy (``dpolab.sharding``) that loads the whole weights and optimizer state
-    into its shards itself (``load_full_state``)."""
+    ``sharded``: a sharded policy (``dpolab.sharding``, ``dpolab.zero``) that loads the whole weights (with
+    LoRA: the adapter) and optimizer state into its shards itself (``load_full_state``)."""
     from safetensors.torch import load_file
 
     weights = {}

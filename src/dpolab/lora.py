@@ -18,6 +18,12 @@ What decides between "adapters disabled" and "as loaded" is whether the adapter 
 B zero, checked on the weights, see ``adapter_is_noop``): disabling a no-op adapter changes nothing but
 skips its compute, and makes "equal to the base model" exact by construction.
 
+Sharded (``--fsdp``, ``--deepspeed``): the same model, wrapped by ``dpolab.sharding`` or ``dpolab.zero``
+after peft. The no-op check runs on the whole weights before sharding; saving gathers the adapter's
+tensors only (``adapter_parameters``), and ``--merge-lora`` merges gathered weights in a CPU copy
+(``save_merged_weights``), since a sharded model cannot be merged in place.
+``adapters_disabled`` keeps the adapter's ``requires_grad`` (see there: FSDP2 reads it).
+
 peft is optional: asking for LoRA without it is a one-line ``ConfigError`` (``pip install peft``).
 """
 
@@ -191,10 +197,18 @@ def describe(model: torch.nn.Module) -> str:
 
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """Run ``model`` as its base model: every LoRA adapter off inside the block (peft's ``disable_adapter``)."""
+    """Run ``model`` as its base model: every LoRA adapter off inside the block (peft's ``disable_adapter``).
+
+    peft also clears the adapter's ``requires_grad`` while it is off; it is set again inside the block,
+    since FSDP2 reads it at its first forward (the precomputed reference pass, in this block) to pick
+    each unit's gradient reduce dtype: with the adapter seen frozen, bf16 gradients were never cast
+    to the fp32 shards. Off adapters take no part in the forward, so they get no gradient either way."""
     if not is_lora(model):
         raise TypeError(f"{type(model).__name__} has no LoRA adapters to disable")
+    trainable = [p for _, p in adapter_parameters(model) if p.requires_grad]
     with model.disable_adapter():
+        for p in trainable:
+            p.requires_grad_(True)
         yield
 
 
@@ -248,6 +262,51 @@ def save_merged(path: Path, model: torch.nn.Module, tokenizer) -> torch.nn.Modul
     merged = model.merge_and_unload()
     save_pretrained(path, merged, tokenizer)
     return merged
+
+
+def save_merged_weights(path: Path, model: torch.nn.Module, state_dict: dict, tokenizer) -> None:
+    """``--merge-lora`` of a sharded run (``--fsdp``/``--deepspeed``), on the main process: ``state_dict``
+    holds the whole gathered weights of the peft ``model`` (base and adapter). They become the weights
+    of a skeleton of the model's architecture built on the meta device (no second copy in memory, no
+    random initialization), which peft merges in place and which is saved as a plain model; the sharded
+    ``model`` itself is left as it is."""
+    import copy
+
+    from .checkpoint import save_pretrained
+
+    peft = _peft("merge_lora")
+    base = unwrap(model)
+    with torch.device("meta"):  # no memory: the gathered tensors become its weights (assign=True)
+        plain = type(base)(base.config)
+    if getattr(base, "generation_config", None) is not None:  # saved as the unsharded merge saves it
+        plain.generation_config = copy.deepcopy(base.generation_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapped = peft.PeftModel(plain, copy.deepcopy(model.peft_config[ADAPTER]))
+    result = wrapped.load_state_dict(state_dict, strict=False, assign=True)
+    plain.tie_weights()  # a tied LM head is the embedding again
+    missing = [k for k in result.missing_keys if "lm_head" not in k and "embed" not in k]  # tied: stored once
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"gathered weights do not fit the model (missing {missing[:3]}, "
+                           f"unexpected {result.unexpected_keys[:3]})")
+    save_pretrained(path, wrapped.merge_and_unload(), tokenizer)
+
+
+def adapter_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The adapter's tensors (every LoRA A and B), named as in ``model.state_dict()``."""
+    return [(name, p) for name, p in model.named_parameters() if ".lora_" in name]
+
+
+def to_model_keys(model: torch.nn.Module, weights: dict, path: Path) -> dict:
+    """A saved adapter's tensors (peft's file names leave out the adapter's name) keyed as in
+    ``model.state_dict()``; a file that is not this model's adapter is refused (``--resume``)."""
+    names = {name.replace(f".{ADAPTER}.", "."): name for name, _ in adapter_parameters(model)}
+    missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
+    if missing or unexpected or not weights:
+        raise ConfigError("resume", f"checkpoint {path} does not hold this run's LoRA adapter "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+                          "resume with the same --model and --lora-* options")
+    return {names[k]: v for k, v in weights.items()}
 
 
 def load_adapter_weights(model: torch.nn.Module, weights: dict, path: Path) -> None:

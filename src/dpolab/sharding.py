@@ -19,16 +19,25 @@ writes them as a plain ``save_pretrained`` folder (final/ and checkpoints alike)
 hold the whole AdamW state (``get_optimizer_state_dict``, keyed by parameter names), so ``--resume``
 reads both on every process and each keeps its shards (``load_full_state``); the checkpoint does not
 depend on the number of processes that wrote it.
+
+LoRA (peft): a decoder layer's unit holds its frozen weights and its adapter's A and B together
+(FSDP2 shards each parameter by itself, so requires_grad may differ inside a unit); the optimizer
+holds the adapter's shards only. Saving gathers only the adapter (``adapter_state_dict``, peft's
+format for final/ and checkpoints), and ``--resume`` loads the adapter and its optimizer state into
+the shards, the frozen weights being those loaded from ``--model``. ``--merge-lora`` gathers the
+whole weights once at the end (``dpolab.lora.save_merged_weights``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from . import lora
 from .distributed import _Scorer
 from .reference import model_fingerprint
 from .runtime import Runtime
@@ -90,6 +99,12 @@ class ShardedPolicy:
         """The whole weights on CPU, gathered from all shards; every process must call it."""
         return get_model_state_dict(self.model, options=FULL_ON_CPU)
 
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """LoRA: the adapter's whole tensors on CPU, each gathered from its shards (the frozen base
+        weights stay sharded, nothing else is gathered); every process must call it."""
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+                for name, p in lora.adapter_parameters(self.model)}
+
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """The whole AdamW state on CPU (keyed by parameter names), gathered from all shards; every
         process must call it (the main process gets it, the others an empty dict)."""
@@ -98,7 +113,14 @@ class ShardedPolicy:
     def load_full_state(self, weights: dict[str, Tensor], optimizer_state: dict, optimizer: torch.optim.Optimizer,
                         path=None) -> tuple[list[str], list[str]]:
         """--resume: every process reads the whole checkpoint and keeps its shards; returns (missing,
-        unexpected) weight names (the tied LM head is stored once)."""
+        unexpected) weight names (the tied LM head is stored once). LoRA: ``weights`` is the adapter
+        only (the base weights are those loaded at the start, never trained)."""
+        if lora.is_lora(self.model):
+            weights = lora.to_model_keys(self.model, weights, path)  # refuses another adapter
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            set_optimizer_state_dict(self.model, optimizer, optimizer_state,
+                                     options=StateDictOptions(full_state_dict=True))
+            return [], []
         keys = set(self.model.state_dict())
         missing = sorted(keys - set(weights))
         unexpected = sorted(set(weights) - keys)

@@ -148,10 +148,12 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
         for diff in ckpt.check_resumable(ckpt.read_run_info(resume_from), info, config.resume_force):
             say(f"resume: differs from the checkpoint (--resume-force): {diff}")
     loss_fn = get_loss(config.loss)
+    # LoRA: whether the reference is the base model is read from the whole adapter, before it is sharded
+    reference_scope = lora.initial_reference(model)
     sharded = _shard(model, config, rt, say)  # --fsdp/--deepspeed: before the reference pass, which scores with them
     reference, ref_model = None, None
     if not getattr(loss_fn, "reference_free", False):  # built from the initial weights, before any resume
-        reference, ref_model = _reference(config, rt, model, sharded, tokenizer, data, out, say)
+        reference, ref_model = _reference(config, rt, model, sharded, tokenizer, data, out, say, reference_scope)
     optimizer = sharded.optimizer if config.deepspeed else build_optimizer(model, config)  # FSDP: on the shards
     run = _Run(config, rt, model, tokenizer, data, reference, loss_fn, out, say, optimizer, info)
     run.objectives = ObjectiveScales.build(config, {"train": data.train, "eval": data.eval})  # --objective
@@ -170,7 +172,8 @@ def _train(config: TrainConfig, rt: Runtime) -> TrainResult:
     return run.loop()
 
 
-def _reference(config: TrainConfig, rt: Runtime, model, sharded, tokenizer, data: PreparedData, out: Path, say):
+def _reference(config: TrainConfig, rt: Runtime, model, sharded, tokenizer, data: PreparedData, out: Path, say,
+               scope):
     """(π_ref, its model when --reference-model loaded one, else None).
 
     π_ref is --model's initial weights, or with --reference-model that model (``load_reference_model``):
@@ -183,7 +186,7 @@ def _reference(config: TrainConfig, rt: Runtime, model, sharded, tokenizer, data
         return ModelReference(ref_model if ref_model is not None else model, rt, copy=ref_model is None), ref_model
     splits = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
     scorer = ref_model if ref_model is not None else sharded or model
-    with lora.initial_reference(model):  # LoRA: a fresh adapter scores with adapters off (dpolab.lora)
+    with scope:  # LoRA: a fresh adapter scores with adapters off (lora.initial_reference, read before sharding)
         reference = PrecomputedReference.build(
             scorer, splits, rt, cache_dir=out / "cache", batch_size=config.effective_eval_batch_size,
             pad_token_id=tokenizer.pad_token_id, progress=config.progress, say=say, ld_alpha=config.ld_alpha,
@@ -289,15 +292,27 @@ class _Run:
         result.steps = state.step
         if self.data.eval and not config.eval_steps:
             result.eval_metrics = self._evaluate(epoch)
-        weights = self._full_weights()  # every process joins the gathering under --fsdp
+        weights = self._full_weights()  # every process joins the gathering under --fsdp/--deepspeed
         if rt.is_main:
             ckpt.save_pretrained(self.out / "final", self.model, self.tokenizer, state_dict=weights)
-            if config.merge_lora:  # merged in place: no second copy; result.model becomes the merged model
-                result.model = lora.save_merged(self.out / "final-merged", self.model, self.tokenizer)
-                self.say(f"merged LoRA model saved to {self.out / 'final-merged'}")
+        if config.merge_lora:
+            self._save_merged(result)
         self.logger.close()
         self.say(f"done: {state.step} steps in {self._elapsed():.1f}s; model saved to {self.out / 'final'}")
         return result
+
+    def _save_merged(self, result: TrainResult) -> None:
+        """--merge-lora: final-merged/, the adapter merged into the base weights. Unsharded: in place (no
+        second copy; result.model becomes the merged model). Sharded: from the whole weights, gathered
+        by every process, merged in a CPU copy on the main process (``lora.save_merged_weights``)."""
+        path = self.out / "final-merged"
+        if getattr(self.policy, "lockstep", False):
+            weights = self.policy.full_state_dict()
+            if self.rt.is_main:
+                lora.save_merged_weights(path, self.model, weights, self.tokenizer)
+        elif self.rt.is_main:
+            result.model = lora.save_merged(path, self.model, self.tokenizer)
+        self.say(f"merged LoRA model saved to {path}")
 
     def _optimizer_step(self, micro_batches: list[tuple[PairBatch, bool]], lr: float, window: MetricSums) -> float:
         """Forward/backward over the micro-batches, clip, update; a non-finite step is skipped."""
@@ -422,8 +437,11 @@ class _Run:
         return self.policy if getattr(self.policy, "lockstep", False) else self.model
 
     def _full_weights(self) -> dict | None:
-        """Under --fsdp the whole weights gathered from the shards (a collective), else None (the model's own)."""
-        return self.policy.full_state_dict() if getattr(self.policy, "lockstep", False) else None
+        """Under --fsdp/--deepspeed what final/ and checkpoints hold, gathered from the shards (a collective):
+        the whole weights, or with LoRA the adapter only; else None (the model's own)."""
+        if not getattr(self.policy, "lockstep", False):
+            return None
+        return self.policy.adapter_state_dict() if lora.is_lora(self.model) else self.policy.full_state_dict()
 
     def _interrupted_message(self, signum: int) -> str:
         return (f"interrupted at step {self.state.step}; checkpoint saved to {self.out / 'checkpoints'}. "

@@ -143,10 +143,10 @@ def _validate_fsdp(c) -> None:
     """--fsdp: what sharded training does not do (yet)."""
     if not c.fsdp:
         return
-    _check(c.reference != "model", "reference", "--fsdp shards the policy, but --reference model would keep a "
-           "whole unsharded copy on every process", "use --reference precompute (the default) with --fsdp")
-    _check(not c.lora_r, "lora_r", "LoRA adapters are not sharded with --fsdp", "drop --fsdp (LoRA already saves "
-           "most memory), or train without --lora-r")
+    why = ("with LoRA it would score the base model outside the sharded forward (not supported)" if c.lora_r
+           else "it would keep a whole unsharded copy on every process")
+    _check(c.reference != "model", "reference", f"--fsdp shards the policy, but --reference model: {why}",
+           "use --reference precompute (the default) with --fsdp")
 
 
 def _validate_deepspeed(c) -> None:
@@ -154,10 +154,10 @@ def _validate_deepspeed(c) -> None:
     if not c.deepspeed:
         return
     _check(not c.fsdp, "fsdp", "--fsdp and --deepspeed are two ways to shard the same model", "pick one of them")
-    _check(c.reference != "model", "reference", "--reference model would keep a whole unsharded copy beside the "
-           "DeepSpeed engine", "use --reference precompute (the default) with --deepspeed")
-    _check(not c.lora_r, "lora_r", "LoRA adapters are not combined with --deepspeed yet",
-           "drop --deepspeed (LoRA already saves most memory), or train without --lora-r")
+    why = ("with LoRA it would score the base model outside the engine (not supported)" if c.lora_r
+           else "it would keep a whole unsharded copy beside the DeepSpeed engine")
+    _check(c.reference != "model", "reference", f"--reference model: {why}",
+           "use --reference precompute (the default) with --deepspeed")
     _check(c.kl_eval_steps is None, "kl_eval_steps", "sampling from a DeepSpeed-partitioned policy is not "
            "supported", "drop --kl-eval-steps, or estimate KL afterwards with dpolab eval")
     _check(not c.online, "online", "sampling from a DeepSpeed-partitioned policy is not supported",

@@ -18,6 +18,11 @@ As with FSDP (``dpolab.sharding``), every process runs every forward together (`
 saving gathers the whole weights to CPU, written by rank 0 as a plain ``save_pretrained`` folder.
 Checkpoints also hold DeepSpeed's own state (``engine.save_checkpoint`` under
 ``checkpoints/deepspeed/step-N``), which ``--resume`` reloads with the same number of processes.
+
+LoRA (peft): the engine gets only the adapter's parameters to optimize; ZeRO-3 partitions the frozen
+weights as well. final/ and checkpoints hold the adapter in peft's format, gathered alone
+(``adapter_state_dict``: ``GatheredParameters`` over the adapter's tensors under ZeRO-3);
+``--merge-lora`` gathers the whole weights once (``dpolab.lora.save_merged_weights``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from . import lora
 from .errors import ConfigError
 from .reference import model_fingerprint
 from .runtime import Runtime
@@ -208,18 +214,34 @@ class DeepSpeedPolicy:
         return [], []
 
     def full_state_dict(self) -> dict[str, Tensor]:
-        """The whole weights on CPU in fp32 (gathered under ZeRO-3); every process must call it."""
+        """The whole weights on CPU in fp32 for the main process (the others get an empty dict); every
+        process must call it. Under ZeRO-3 one weight is gathered at a time, so no device ever holds more
+        than its partitions and one whole weight (the model may be larger than one device)."""
+        import torch.distributed as dist
+
+        main = dist.get_rank() == 0
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        weights = {}
+        for key, value in self.model.state_dict(keep_vars=True).items():
+            with self._gathered([params[key]] if key in params else []):
+                if main:
+                    weights[key] = value.detach().float().cpu().clone()
+        return weights
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """LoRA: the adapter's whole tensors on CPU in fp32 (under ZeRO-3 only they are gathered, the
+        frozen base weights stay partitioned); every process must call it."""
+        named = lora.adapter_parameters(self.model)
+        with self._gathered([p for _, p in named]):
+            return {name: p.detach().float().cpu().clone() for name, p in named}
+
+    def _gathered(self, params: list) -> contextlib.AbstractContextManager:
+        """ZeRO-3: ``params`` whole on every process inside the block (read only); else nothing to do."""
+        if self.stage != 3 or not params:
+            return contextlib.nullcontext()
         import deepspeed
 
-        params = list(self.model.parameters())
-        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.stage == 3 else None
-        if gather is not None:
-            gather.__enter__()
-        try:
-            return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
-        finally:
-            if gather is not None:
-                gather.__exit__(None, None, None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def wrap(model: torch.nn.Module, config, optimizer: torch.optim.Optimizer, rt: Runtime) -> DeepSpeedPolicy:
