@@ -7,7 +7,6 @@ DeepSpeed's own config class, dpolab fills "auto" values, and contradictions are
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,8 @@ from dpolab.config import TrainConfig
 from dpolab.errors import ConfigError
 from dpolab.runtime import Runtime
 from dpolab.toy import copy_task_rows, write_jsonl
-from test_distributed import COMMON, TOL, TORCHRUN, assert_same_run, launch, read_rows
+from test_distributed import (COMMON, TOL, TORCHRUN, assert_resumed_as_uninterrupted, assert_same_run, copy_for_resume,
+                              launch, read_rows)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "deepspeed"
 
@@ -77,23 +77,6 @@ def test_two_zero3_processes_train_as_one_with_twice_the_batch(setup, two_proces
     for name, weight in load_file(root / "single" / "checkpoints" / "step-4" / "model.safetensors").items():
         got = load_file(out / "checkpoints" / "step-4" / "model.safetensors")[name]
         torch.testing.assert_close(got, weight, atol=TOL, rtol=0)
-
-
-def assert_resumed_as_uninterrupted(resumed: Path, out: Path) -> None:
-    got, want = read_rows(resumed), read_rows(out)
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(got, want):
-        for key in ("loss", "grad_norm", "eval_loss"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], abs=TOL), (b["step"], key)
-    for name, weight in load_file(out / "final" / "model.safetensors").items():
-        torch.testing.assert_close(load_file(resumed / "final" / "model.safetensors")[name], weight, atol=TOL, rtol=0)
-
-
-def copy_for_resume(out: Path, to: Path) -> Path:
-    """The run as it was after its step-2 checkpoint (later checkpoints and final/ removed)."""
-    shutil.copytree(out, to, ignore=shutil.ignore_patterns("final", "step-4"))
-    return to
 
 
 def test_resume_under_deepspeed_continues_as_the_uninterrupted_run(one_process, two_processes, tmp_path):

@@ -92,6 +92,25 @@ def torchrun_run(setup):
     return root / "torchrun", proc
 
 
+def assert_resumed_as_uninterrupted(resumed, out) -> None:
+    """A run resumed from a checkpoint logged the same steps and metrics, and ended with the same final
+    weights, as the run that was never stopped."""
+    got, want = read_rows(resumed), read_rows(out)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=TOL), (b["step"], key)
+    for name, weight in load_file(out / "final" / "model.safetensors").items():
+        torch.testing.assert_close(load_file(resumed / "final" / "model.safetensors")[name], weight, atol=TOL, rtol=0)
+
+
+def copy_for_resume(out, to):
+    """The run as it was after its step-2 checkpoint (later checkpoints and final/ removed)."""
+    shutil.copytree(out, to, ignore=shutil.ignore_patterns("final", "step-4"))
+    return to
+
+
 def assert_same_run(run, single, initial):
     rows, expected = read_rows(run), read_rows(single)
     assert [(r["step"], "loss" in r) for r in rows] == [(r["step"], "loss" in r) for r in expected]

@@ -12,7 +12,8 @@ from dpolab.cli import main
 from dpolab.config import TrainConfig
 from dpolab.errors import ConfigError
 from dpolab.toy import copy_task_rows, make_tiny_llama, write_jsonl
-from test_distributed import COMMON, TOL, TORCHRUN, assert_same_run, launch, read_rows
+from test_distributed import (COMMON, TOL, TORCHRUN, assert_resumed_as_uninterrupted, assert_same_run, copy_for_resume,
+                              launch, read_rows)
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +66,11 @@ def test_fsdp_refuses_what_it_does_not_shard(extra, field):
 def test_fsdp_resume_continues_as_the_uninterrupted_run(runs, tmp_path, tiny_model_dir):
     """Resume the sharded run from its step-2 checkpoint (whole weights and AdamW state, read by every
     process): steps 3-5 and final/ are those of the run that was never stopped."""
-    import shutil
-
-    from test_distributed import read_rows
-
     out, _, _ = runs
-    resumed = tmp_path / "resumed"
-    shutil.copytree(out, resumed, ignore=shutil.ignore_patterns("final", "step-4"))
+    resumed = copy_for_resume(out, tmp_path / "resumed")
     proc = launch(TORCHRUN, ["--config", resumed / "config.yaml", "--output-dir", resumed, "--resume"], tmp_path)
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    got, want = read_rows(resumed), read_rows(out)
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for a, b in zip(got, want):
-        for key in ("loss", "grad_norm", "eval_loss"):
-            if key in b:
-                assert a[key] == pytest.approx(b[key], abs=TOL), (b["step"], key)
-    for name, weight in load_file(out / "final" / "model.safetensors").items():
-        torch.testing.assert_close(load_file(resumed / "final" / "model.safetensors")[name], weight, atol=TOL, rtol=0)
+    assert_resumed_as_uninterrupted(resumed, out)
 
 
 def test_units_and_mixed_precision():
