@@ -1,13 +1,14 @@
 """Peak memory of `dpolab train --streaming` against the in-memory path, on the same large jsonl file.
 
-    python benchmarks/streaming_memory.py [--pairs 200000] [--work-dir /tmp/dpolab-streaming-bench]
+    python benchmarks/streaming_memory.py [--pairs 200000] [--format jsonl|parquet] [--work-dir /tmp/dpolab-streaming-bench]
 
 Writes the toy model (``dpolab.toy.save_toy_model``) and N synthetic copy-task pairs (8 words of prompt,
 8 words per completion), then runs ``dpolab train --max-steps 5`` twice in child processes, with and
 without ``--streaming``, and prints each one's peak resident set size (the child's ``ru_maxrss``, measured
 by a wrapper process so the two runs do not mix) and wall time. With ``--reference precompute`` (the
 default) both runs score every pair first (the streamed run into a memory-mapped file); ``--reference
-model`` skips that pass.
+model`` skips that pass. ``--format parquet`` writes the pairs as Parquet instead, which ``--streaming``
+reads through a Hugging Face ``datasets.IterableDataset`` (JSON Lines: our own line reader).
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> None:
                                      "rejected": " " + " ".join(other)}) + "\n")
 
 
+def write_parquet(jsonl: Path, path: Path) -> None:
+    """The pairs of ``jsonl`` as a Parquet file, written in row groups of 10,000 (never all in memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(jsonl, encoding="utf-8") as handle, pq.ParquetWriter(path, pa.schema(
+            [(k, pa.string()) for k in ("prompt", "chosen", "rejected")])) as writer:
+        while rows := [json.loads(line) for _, line in zip(range(10_000), handle)]:
+            writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))
+
+
 def run(model: Path, data: Path, out: Path, streaming: bool, reference: str) -> tuple[float, float, list[str]]:
     """(peak RSS in MiB, seconds, output lines) of one training run in a child process."""
     argv = [sys.executable, "-m", "dpolab", "train", "--model", str(model), "--data", str(data), "--output-dir",
@@ -54,6 +66,8 @@ def run(model: Path, data: Path, out: Path, streaming: bool, reference: str) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=200_000)
+    parser.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl",
+                        help="parquet: --streaming reads it through datasets' IterableDataset")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dpolab-streaming-bench"))
     parser.add_argument("--reference", choices=["precompute", "model"], default="precompute",
                         help="model: no reference pass (faster), the data's share of memory alone")
@@ -66,6 +80,10 @@ def main() -> None:
     data = work / f"pairs-{args.pairs}.jsonl"
     if not data.is_file():
         write_pairs(data, args.pairs)
+    if args.format == "parquet":
+        jsonl, data = data, data.with_suffix(".parquet")
+        if not data.is_file():
+            write_parquet(jsonl, data)
     print(f"data: {data} ({args.pairs:,} pairs, {data.stat().st_size / 2**20:,.1f} MiB)")
     for streaming in (True, False):
         out = work / ("run-streaming" if streaming else "run-memory")

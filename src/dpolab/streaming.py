@@ -1,8 +1,9 @@
 """``--streaming``: training data larger than memory.
 
-The training file (``.jsonl`` or ``.jsonl.gz``) is never held whole. Each pass reads it row by row,
-normalises the rows to ``PreferencePair`` and tokenizes them ``CHUNK`` at a time with the same rules as
-the in-memory path, so a pair gets the same index as there: its position among the pairs kept after
+The training data (any source ``--data`` takes: files, folders, Hub names) is never held whole. Each pass
+reads it row by row (``dpolab.data.stream``: our own line readers for JSON Lines and CSV, a Hugging Face
+``datasets.IterableDataset`` for the rest), normalises the rows to ``PreferencePair`` and tokenizes them
+``CHUNK`` at a time with the same rules as the in-memory path, so a pair gets the same index as there: its position among the pairs kept after
 reading (rows whose chosen equals rejected are dropped before counting). A pass is:
 
 1. before anything is written: one counting pass that validates every row and counts the kept pairs;
@@ -34,7 +35,8 @@ from .data import cache as token_cache
 from .data.batching import collate
 from .data.formats import LoadedData, iter_pairs
 from .data.layout import Layout
-from .data.load import iter_rows, load_pairs
+from .data.load import load_pairs
+from .data.stream import stream_rows
 from .data.tokenize import TokenizedPair, tokenize_pairs
 from .errors import ConfigError, DataError
 
@@ -65,7 +67,7 @@ class PairStream:
         """(offset, pairs read, tokenized pairs) per chunk in file order; indices are global, as in memory."""
         config = self.config
         counts = LoadedData(pairs=[], format="", rows_read=0, source=config.data)
-        pairs = iter_pairs(iter_rows(config.data), counts)
+        pairs = iter_pairs(stream_rows(config.data, split=config.data_split), counts)
         offset = 0
         while chunk := list(itertools.islice(pairs, CHUNK)):
             if config.strict and counts.first_dropped:
