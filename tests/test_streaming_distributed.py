@@ -1,0 +1,74 @@
+"""--streaming under several processes and with --resume: 2 processes x batch 4 under torchrun train exactly
+as 1 process x batch 8 (the reference table scored in shares, one file written by process 0), and a run
+resumed from a checkpoint replays the stream to its step and continues the same run."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from dpolab.cli import main
+from dpolab.config import TrainConfig
+from dpolab.prepare import load_tokenizer, prepare_data
+from dpolab.runtime import Runtime
+from dpolab.toy import copy_task_rows, write_jsonl
+from dpolab.trainer import optimizer_steps
+
+from test_distributed import COMMON, TORCHRUN, TOL, assert_same_run, launch, read_rows
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("stream-ddp")
+    data = write_jsonl(root / "train.jsonl", copy_task_rows(33, seed=5))
+    eval_data = write_jsonl(root / "eval.jsonl", copy_task_rows(3, seed=6))
+    return root, ["--model", tiny_model_dir, "--data", data, "--eval-data", eval_data, "--streaming", *COMMON]
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    """The expectation: one process, batch 8, --streaming (in this process)."""
+    root, args = setup
+    assert main(["train", *map(str, args), "--batch-size", "8", "--output-dir", str(root / "single")]) == 0
+    return root / "single"
+
+
+def test_each_process_takes_its_share_of_every_streamed_step(tiny_model_dir, tmp_path):
+    """The shares of 3 processes partition each step of the single-process stream (batch 3 x 2 = 6); a
+    process with no share gets a pair that does not count."""
+    data = write_jsonl(tmp_path / "train.jsonl", copy_task_rows(8, seed=8))
+    config = TrainConfig(model=str(tiny_model_dir), data=str(data), output_dir="-", batch_size=2, grad_accum=2,
+                         progress=False, streaming=True, max_steps=3)
+    stream = prepare_data(config, load_tokenizer(config)).train
+    cpu = torch.device("cpu")
+    one = optimizer_steps(stream, dataclasses.replace(config, batch_size=6), Runtime(cpu, "fp32"), 0)
+    shares = [optimizer_steps(stream, config, Runtime(cpu, "fp32", rank=r, world_size=3), 0) for r in range(3)]
+    fillers, seen = 0, []
+    for _ in range(3):  # 8 pairs in micro-batches of 6 and 2: one step per epoch
+        epoch, expected = next(one)
+        per_rank = [next(s) for s in shares]
+        assert {e for e, _ in per_rank} == {epoch}
+        assert [len(b.index) for b, _ in expected] == [6, 2]
+        for k, (batch, _) in enumerate(expected):
+            counted = [int(i) for _, micro in per_rank for i in micro[k][0].index if micro[k][1]]
+            assert sorted(counted) == sorted(int(i) for i in batch.index)
+            fillers += sum(not micro[k][1] for _, micro in per_rank)
+        seen.append([int(i) for b, _ in expected for i in b.index])
+    assert fillers == 3  # the third process, in the short micro-batch of each step
+    assert all(sorted(s) == list(range(8)) for s in seen) and seen[0] != seen[1]  # each epoch: all, reshuffled
+
+
+def test_torchrun_two_processes_stream_as_one_with_twice_the_batch(setup, single, tiny_model_dir):
+    root, args = setup
+    out = root / "torchrun"
+    proc = launch(TORCHRUN, [*args, "--batch-size", "4", "--output-dir", out], root)
+    assert_same_run(out, single, tiny_model_dir)
+    assert len(list((out / "cache").glob("reference-stream-*.f32"))) == 1  # one table, written by process 0
+    assert not list((out / "cache").glob("*.tmp"))
+    table = (out / "cache").glob("reference-stream-*.f32").__next__().read_bytes()
+    assert table == next((single / "cache").glob("reference-stream-*.f32")).read_bytes()
+    assert proc.stdout.count("streamed pairs scored into") == 1 and proc.stdout.count("done: 5 steps") == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
