@@ -103,7 +103,6 @@ def test_buffer_shuffle_is_a_seeded_bounded_permutation():
 BAD = {
     "no max steps": ([], ["max_steps", "--max-steps"]),
     "eval split": (["--max-steps", "2", "--eval-split", "0.1"], ["eval_split", "--eval-data"]),
-    "resume": (["--max-steps", "2", "--resume"], ["resume", "--streaming"]),
     "kto": (["--max-steps", "2", "--loss", "kto"], ["loss", "unpaired"]),
 }
 

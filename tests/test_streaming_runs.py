@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from dpolab import streaming
 from dpolab.cli import main
 from dpolab.config import TrainConfig
 from dpolab.prepare import load_tokenizer, prepare_data
@@ -72,3 +73,49 @@ def test_torchrun_two_processes_stream_as_one_with_twice_the_batch(setup, single
     assert table == next((single / "cache").glob("reference-stream-*.f32")).read_bytes()
     assert proc.stdout.count("streamed pairs scored into") == 1 and proc.stdout.count("done: 5 steps") == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    """20 pairs in batches of 8: 3 steps per epoch; 7 steps with a checkpoint every 2."""
+    root = tmp_path_factory.mktemp("stream-resume")
+    data = write_jsonl(root / "train.jsonl", copy_task_rows(20, seed=11))
+    args = ["--model", tiny_model_dir, "--data", data, "--streaming", "--batch-size", "8", "--max-steps", "7",
+            "--save-steps", "2", "--logging-steps", "1", "--learning-rate", "1e-3", "--precision", "fp32",
+            "--device", "cpu", "--no-progress"]
+    assert main(["train", *map(str, args), "--output-dir", str(root / "full")]) == 0
+    return root / "full", args
+
+
+@pytest.mark.parametrize("at, first_epoch", [(2, 0), (4, 1)])
+def test_a_resumed_streaming_run_continues_the_same_run(uninterrupted, at, first_epoch, tmp_path, monkeypatch,
+                                                        capsys, tiny_model_dir):
+    full, args = uninterrupted
+    out = tmp_path / "resumed"
+    shutil.copytree(full, out)
+    shutil.rmtree(out / "final")
+    epochs = []
+    read = streaming.PairStream.epoch_pairs
+    monkeypatch.setattr(streaming.PairStream, "epoch_pairs", lambda self, e: epochs.append(e) or read(self, e))
+    capsys.readouterr()
+    assert main(["train", *map(str, args), "--output-dir", str(out), "--resume",
+                 str(out / "checkpoints" / f"step-{at}")]) == 0
+    said = capsys.readouterr().out
+    assert "reference log-probs: reusing memory-mapped cache" in said and "resumed from" in said
+    assert epochs == [first_epoch, first_epoch + 1, 2][: 3 - first_epoch]  # from step 4 on, epoch 0 is skipped unread
+    rows, expected = read_rows(out), read_rows(full)
+    assert [r["step"] for r in rows] == [r["step"] for r in expected] == list(range(1, 8))
+    for got, want in zip(rows, expected):
+        for key in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
+            assert got[key] == pytest.approx(want[key], abs=TOL), (got["step"], key)
+    assert_same_weights(out, full, tiny_model_dir)
+
+
+def assert_same_weights(run, expected, initial):
+    from safetensors.torch import load_file
+
+    got, want = (load_file(d / "final" / "model.safetensors") for d in (run, expected))
+    start = load_file(initial / "model.safetensors")
+    for name, weight in want.items():
+        torch.testing.assert_close(got[name], weight, atol=TOL, rtol=0)
+    assert max(float((want[k] - start[k]).abs().max()) for k in start) > 100 * TOL  # training moved them
