@@ -1,19 +1,22 @@
 """``--streaming``: training data larger than memory.
 
 The training data (any source ``--data`` takes: files, folders, Hub names) is never held whole. Each pass
-reads it row by row (``dpolab.data.stream``: our own line readers for JSON Lines and CSV, a Hugging Face
+reads it row by row (``dpolab.data.stream``: our own readers for JSON Lines, CSV and JSON, a Hugging Face
 ``datasets.IterableDataset`` for the rest), normalises the rows to ``PreferencePair`` and tokenizes them
-``CHUNK`` at a time with the same rules as the in-memory path, so a pair gets the same index as there: its position among the pairs kept after
-reading (rows whose chosen equals rejected are dropped before counting). A pass is:
+``CHUNK`` at a time with the same rules as the in-memory path, so a pair gets the same index as there:
+its position among the pairs kept after reading (rows whose chosen equals rejected are dropped before
+counting). A pass is:
 
 1. before anything is written: one counting pass that validates every row and counts the kept pairs;
 2. the reference pass (``--reference precompute``): the initial model scores each chunk and appends its
    rows to a float32 [N, 2] file ``OUTPUT_DIR/cache/reference-stream-<key>.f32``, memory-mapped for
    training (looked up by pair index, so only the rows of the current batch are paged in);
-3. training: each epoch reads the file again, shuffled through a seeded buffer of ``SHUFFLE_BUFFER``
+3. training: each epoch reads the data again, shuffled through a seeded buffer of ``SHUFFLE_BUFFER``
    pairs (the order depends only on seed and epoch).
 
-Eval data (``--eval-data``) is loaded in memory as without ``--streaming``.
+Under several processes every process reads the whole stream and takes its share of each batch, and
+the reference pass is scored in shares and written by process 0. ``--resume`` replays the stream up to
+the checkpoint's step without running the model (``PairStream.optimizer_steps``). Eval data (``--eval-data``) is loaded in memory as without ``--streaming``.
 """
 
 from __future__ import annotations
