@@ -136,3 +136,12 @@ def test_streaming_trains_from_parquet(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and result.steps == 3
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
+
+
+def test_a_damaged_parquet_file_is_one_line(tmp_path, tiny_model_dir, capsys):
+    source, _ = write("parquet", tmp_path, rows_for_test())
+    source.write_bytes(source.read_bytes()[:200])  # cut: no Parquet footer
+    code = invoke(["train", "--model", tiny_model_dir, "--data", source, "--output-dir", tmp_path / "out",
+                   "--streaming", "--max-steps", "2", "--no-progress"])
+    assert code == 2
+    the_error_line(capsys.readouterr().err, "prefs.parquet", "cannot stream the rows", "complete Parquet file")

@@ -21,6 +21,7 @@ Every problem surfaces as a one-line ``DataError`` naming the source (and the la
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def stream_rows(source: str | os.PathLike, *, split: str = "train") -> load.Rows
             return load.iter_rows(name)
         if path.stat().st_size == 0:
             raise DataError(name, "the file is empty (0 bytes)", fix="write at least one preference pair to it")
-        return _dataset_rows(name, lambda ds: ds.load_dataset("parquet", data_files=name, split="train", streaming=True))
+        return _dataset_rows(name, lambda ds: ds.load_dataset("parquet", data_files=name, split="train", streaming=True),
+                             fix="check that it is a complete Parquet file (re-export or re-download it)")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return _dataset_rows(name, lambda ds: _saved(ds, path, split))
@@ -62,11 +64,14 @@ def _saved(datasets, path: Path, split: str):
     return loaded.to_iterable_dataset()
 
 
-def _dataset_rows(name: str, open_dataset, split: str | None = None, hub: bool = False) -> load.Rows:
+def _dataset_rows(name: str, open_dataset, split: str | None = None, hub: bool = False, fix: str = "") -> load.Rows:
     """The rows of the ``datasets.IterableDataset`` that ``open_dataset(datasets)`` returns, numbered from 1;
-    any exception of ``datasets`` (opening or mid-stream) becomes a ``DataError``."""
+    any exception of ``datasets`` (opening or mid-stream) becomes a ``DataError``. While it reads, the
+    ``datasets`` logger is quiet: it would log the same failure again, and a user error is one line."""
     import datasets
 
+    logger, level = logging.getLogger("datasets"), logging.getLogger("datasets").level
+    logger.setLevel(logging.CRITICAL)
     number = 0
     try:
         for number, row in enumerate(open_dataset(datasets), 1):
@@ -76,8 +81,10 @@ def _dataset_rows(name: str, open_dataset, split: str | None = None, hub: bool =
     except Exception as exc:  # network, missing split, parse errors: datasets raises many types
         what = (f"split {split!r}" if split else "the rows") + (" of the Hub dataset" if hub else "")
         after = f" after row {number}" if number else ""
-        fix = ("check the dataset name and --data-split; the Hub must be reachable (HF_HUB_OFFLINE and "
-               "HF_DATASETS_OFFLINE unset) unless the dataset is in the local datasets cache, or pass a local file"
-               if hub else "check the data (a folder needs data files datasets can read) and --data-split")
+        fix = fix or ("check the dataset name and --data-split; the Hub must be reachable (HF_HUB_OFFLINE and "
+                      "HF_DATASETS_OFFLINE unset) unless the dataset is in the local datasets cache, or pass a local "
+                      "file" if hub else "check the data (a folder needs data files datasets can read) and --data-split")
         raise DataError(name, f"cannot stream {what}{after} ({load._brief(exc)})", fix=fix) from exc
+    finally:
+        logger.setLevel(level)
 
