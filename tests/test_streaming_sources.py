@@ -109,7 +109,7 @@ def test_a_bad_row_gives_the_in_memory_error(kind, tmp_path):
         with pytest.raises(DataError) as memory:
             load_pairs(source, split=split)
         assert str(streamed.value) == str(memory.value)
-    assert streamed.value.row == 13 and ("number 7" if kind == "json" else "null") in str(streamed.value)  # columnar: every row has a list
+    assert streamed.value.row == 13 and ("number 7" if kind == "json" else "null") in str(streamed.value)
     assert streamed.value.field == "chosen"
 
 

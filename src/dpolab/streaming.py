@@ -16,7 +16,9 @@ counting). A pass is:
 
 Under several processes every process reads the whole stream and takes its share of each batch, and
 the reference pass is scored in shares and written by process 0. ``--resume`` replays the stream up to
-the checkpoint's step without running the model (``PairStream.optimizer_steps``). Eval data (``--eval-data``) is loaded in memory as without ``--streaming``.
+the checkpoint's step without running the model (``PairStream.optimizer_steps``).
+
+Eval data (``--eval-data``) is loaded in memory as without ``--streaming``.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ from dpolab.errors import DataError
 OWN_READERS = (".jsonl", ".jsonl.gz", ".csv", ".csv.gz", ".json", ".json.gz", ".parquet.gz")
 """File types read by our own line readers under ``--streaming`` (see the module docstring for why)."""
 
+HUB_FIX = ("check the dataset name and --data-split; the Hub must be reachable (HF_HUB_OFFLINE and HF_DATASETS_OFFLINE "
+           "unset) unless the dataset is in the local datasets cache, or pass a local file")
+
 
 def stream_rows(source: str | os.PathLike, *, split: str = "train") -> load.Rows:
     """Yield ``(row number, row dict)`` from ``source`` one row at a time (``split``: of a folder or Hub set)."""
@@ -42,7 +45,8 @@ def stream_rows(source: str | os.PathLike, *, split: str = "train") -> load.Rows
             return load.iter_rows(name)
         if path.stat().st_size == 0:
             raise DataError(name, "the file is empty (0 bytes)", fix="write at least one preference pair to it")
-        return _dataset_rows(name, lambda ds: ds.load_dataset("parquet", data_files=name, split="train", streaming=True),
+        return _dataset_rows(name, lambda ds: ds.load_dataset("parquet", data_files=name, split="train",
+                                                              streaming=True),
                              fix="check that it is a complete Parquet file (re-export or re-download it)")
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -81,9 +85,7 @@ def _dataset_rows(name: str, open_dataset, split: str | None = None, hub: bool =
     except Exception as exc:  # network, missing split, parse errors: datasets raises many types
         what = (f"split {split!r}" if split else "the rows") + (" of the Hub dataset" if hub else "")
         after = f" after row {number}" if number else ""
-        fix = fix or ("check the dataset name and --data-split; the Hub must be reachable (HF_HUB_OFFLINE and "
-                      "HF_DATASETS_OFFLINE unset) unless the dataset is in the local datasets cache, or pass a local "
-                      "file" if hub else "check the data (a folder needs data files datasets can read) and --data-split")
+        fix = fix or (HUB_FIX if hub else "check the data (a folder needs files datasets can read) and --data-split")
         raise DataError(name, f"cannot stream {what}{after} ({load._brief(exc)})", fix=fix) from exc
     finally:
         logger.setLevel(level)
