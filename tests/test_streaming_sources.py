@@ -1,5 +1,5 @@
-"""--streaming reads every source --data takes (CSV, Parquet, JSON, save_to_disk folders, folders of data
-files, Hub names through datasets' IterableDataset): the same pairs with the same row numbers, and the same
+"""--streaming reads every source --data takes (CSV, Parquet and JSON files; save_to_disk folders, folders of
+data files and Hub names through datasets' IterableDataset): the same pairs with the same row numbers, and the same
 one-line errors naming the row, as the in-memory readers; an unreachable Hub is a clear error."""
 
 from __future__ import annotations
@@ -125,12 +125,12 @@ def test_a_missing_split_and_an_unreachable_hub_are_one_line_errors(tmp_path, ti
     assert not out.exists()
 
 
-def test_streaming_trains_from_parquet(tiny_model_dir, tmp_path):
-    source, _ = write("parquet", tmp_path, copy_task_rows(24, seed=9))
+def test_streaming_trains_from_a_datasets_iterable_dataset(tiny_model_dir, tmp_path):
+    source, split = write("saved", tmp_path, copy_task_rows(24, seed=9))  # read through to_iterable_dataset
     out = tmp_path / "run"
-    config = config_for(tiny_model_dir, source, out, streaming=True, max_steps=3, logging_steps=1)
+    config = config_for(tiny_model_dir, source, out, streaming=True, max_steps=3, logging_steps=1, data_split=split)
     tok = load_tokenizer(config)
-    memory = prepare_data(config_for(tiny_model_dir, source, out), tok).train
+    memory = prepare_data(config_for(tiny_model_dir, source, out, data_split=split), tok).train
     assert [p for _, _, chunk in prepare_data(config, tok).train.chunks() for p in chunk] == memory
     result = train(config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -138,10 +138,17 @@ def test_streaming_trains_from_parquet(tiny_model_dir, tmp_path):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
 
 
-def test_a_damaged_parquet_file_is_one_line(tmp_path, tiny_model_dir, capsys):
+def test_a_damaged_file_is_one_line(tmp_path, tiny_model_dir, capsys):
     source, _ = write("parquet", tmp_path, rows_for_test())
     source.write_bytes(source.read_bytes()[:200])  # cut: no Parquet footer
+    saved, _ = write("saved", tmp_path, rows_for_test())
+    (saved / "test" / "dataset_info.json").write_text("{")  # damaged: datasets cannot load it
+    capsys.readouterr()  # save_to_disk's progress bar
+    code = invoke(["train", "--model", tiny_model_dir, "--data", saved, "--data-split", "test", "--output-dir",
+                   tmp_path / "out", "--streaming", "--max-steps", "2", "--no-progress"])
+    assert code == 2
+    the_error_line(capsys.readouterr().err, "saved", "cannot stream the rows", "check the data")
     code = invoke(["train", "--model", tiny_model_dir, "--data", source, "--output-dir", tmp_path / "out",
                    "--streaming", "--max-steps", "2", "--no-progress"])
     assert code == 2
-    the_error_line(capsys.readouterr().err, "prefs.parquet", "cannot stream the rows", "complete Parquet file")
+    the_error_line(capsys.readouterr().err, "prefs.parquet", "cannot read the Parquet data", "complete Parquet")
