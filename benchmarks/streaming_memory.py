@@ -1,14 +1,15 @@
 """Peak memory of `dpolab train --streaming` against the in-memory path, on the same large jsonl file.
 
-    python benchmarks/streaming_memory.py [--pairs 200000] [--format jsonl|parquet] [--streaming-only] [--work-dir /tmp/dpolab-streaming-bench]
+    python benchmarks/streaming_memory.py [--pairs 200000] [--format jsonl|parquet|saved] [--streaming-only] [--work-dir /tmp/dpolab-streaming-bench]
 
 Writes the toy model (``dpolab.toy.save_toy_model``) and N synthetic copy-task pairs (8 words of prompt,
 8 words per completion), then runs ``dpolab train --max-steps 5`` twice in child processes, with and
 without ``--streaming``, and prints each one's peak resident set size (the child's ``ru_maxrss``, measured
 by a wrapper process so the two runs do not mix) and wall time. With ``--reference precompute`` (the
 default) both runs score every pair first (the streamed run into a memory-mapped file); ``--reference
-model`` skips that pass. ``--format parquet`` writes the pairs as Parquet instead, which ``--streaming``
-reads through a Hugging Face ``datasets.IterableDataset`` (JSON Lines: our own line reader).
+model`` skips that pass. ``--format parquet`` writes the pairs as Parquet instead (read by our own pyarrow
+reader), ``--format saved`` as a ``datasets`` ``save_to_disk`` folder, which ``--streaming`` reads through a
+Hugging Face ``datasets.IterableDataset``.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def run(model: Path, data: Path, out: Path, streaming: bool, reference: str) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=200_000)
-    parser.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl",
-                        help="parquet: --streaming reads it through datasets' IterableDataset")
+    parser.add_argument("--format", choices=["jsonl", "parquet", "saved"], default="jsonl",
+                        help="saved: a save_to_disk folder, which --streaming reads through datasets' IterableDataset")
     parser.add_argument("--streaming-only", action="store_true",
                         help="skip the in-memory run (for data sizes where it would not fit, or to save time)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dpolab-streaming-bench"))
@@ -82,11 +83,18 @@ def main() -> None:
     data = work / f"pairs-{args.pairs}.jsonl"
     if not data.is_file():
         write_pairs(data, args.pairs)
-    if args.format == "parquet":
+    if args.format in ("parquet", "saved"):
         jsonl, data = data, data.with_suffix(".parquet")
         if not data.is_file():
             write_parquet(jsonl, data)
-    print(f"data: {data} ({args.pairs:,} pairs, {data.stat().st_size / 2**20:,.1f} MiB)")
+    if args.format == "saved":
+        parquet, data = data, work / f"pairs-{args.pairs}-saved"
+        if not (data / "state.json").is_file():
+            import datasets
+
+            datasets.Dataset.from_parquet(str(parquet), cache_dir=str(work / "hf-cache")).save_to_disk(str(data))
+    size = sum(p.stat().st_size for p in data.rglob("*")) if data.is_dir() else data.stat().st_size
+    print(f"data: {data} ({args.pairs:,} pairs, {size / 2**20:,.1f} MiB)")
     for streaming in (True,) if args.streaming_only else (True, False):
         out = work / ("run-streaming" if streaming else "run-memory")
         subprocess.run(["rm", "-rf", str(out)], check=True)  # no cache from an earlier run
