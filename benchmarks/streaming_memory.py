@@ -1,13 +1,15 @@
 """Peak memory of `dpolab train --streaming` against the in-memory path, on the same large jsonl file.
 
-    python benchmarks/streaming_memory.py [--pairs 200000] [--work-dir /tmp/dpolab-streaming-bench]
+    python benchmarks/streaming_memory.py [--pairs 200000] [--format jsonl|parquet|saved] [--streaming-only] [--work-dir /tmp/dpolab-streaming-bench]
 
 Writes the toy model (``dpolab.toy.save_toy_model``) and N synthetic copy-task pairs (8 words of prompt,
 8 words per completion), then runs ``dpolab train --max-steps 5`` twice in child processes, with and
 without ``--streaming``, and prints each one's peak resident set size (the child's ``ru_maxrss``, measured
 by a wrapper process so the two runs do not mix) and wall time. With ``--reference precompute`` (the
 default) both runs score every pair first (the streamed run into a memory-mapped file); ``--reference
-model`` skips that pass.
+model`` skips that pass. ``--format parquet`` writes the pairs as Parquet instead (read by our own pyarrow
+reader), ``--format saved`` as a ``datasets`` ``save_to_disk`` folder, which ``--streaming`` reads through a
+Hugging Face ``datasets.IterableDataset``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> None:
                                      "rejected": " " + " ".join(other)}) + "\n")
 
 
+def write_parquet(jsonl: Path, path: Path) -> None:
+    """The pairs of ``jsonl`` as a Parquet file, written in row groups of 10,000 (never all in memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(jsonl, encoding="utf-8") as handle, pq.ParquetWriter(path, pa.schema(
+            [(k, pa.string()) for k in ("prompt", "chosen", "rejected")])) as writer:
+        while rows := [json.loads(line) for _, line in zip(range(10_000), handle)]:
+            writer.write_table(pa.Table.from_pylist(rows, schema=writer.schema))
+
+
 def run(model: Path, data: Path, out: Path, streaming: bool, reference: str) -> tuple[float, float, list[str]]:
     """(peak RSS in MiB, seconds, output lines) of one training run in a child process."""
     argv = [sys.executable, "-m", "dpolab", "train", "--model", str(model), "--data", str(data), "--output-dir",
@@ -54,6 +67,10 @@ def run(model: Path, data: Path, out: Path, streaming: bool, reference: str) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=200_000)
+    parser.add_argument("--format", choices=["jsonl", "parquet", "saved"], default="jsonl",
+                        help="saved: a save_to_disk folder, which --streaming reads through datasets' IterableDataset")
+    parser.add_argument("--streaming-only", action="store_true",
+                        help="skip the in-memory run (for data sizes where it would not fit, or to save time)")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dpolab-streaming-bench"))
     parser.add_argument("--reference", choices=["precompute", "model"], default="precompute",
                         help="model: no reference pass (faster), the data's share of memory alone")
@@ -66,8 +83,19 @@ def main() -> None:
     data = work / f"pairs-{args.pairs}.jsonl"
     if not data.is_file():
         write_pairs(data, args.pairs)
-    print(f"data: {data} ({args.pairs:,} pairs, {data.stat().st_size / 2**20:,.1f} MiB)")
-    for streaming in (True, False):
+    if args.format in ("parquet", "saved"):
+        jsonl, data = data, data.with_suffix(".parquet")
+        if not data.is_file():
+            write_parquet(jsonl, data)
+    if args.format == "saved":
+        parquet, data = data, work / f"pairs-{args.pairs}-saved"
+        if not (data / "state.json").is_file():
+            import datasets
+
+            datasets.Dataset.from_parquet(str(parquet), cache_dir=str(work / "hf-cache")).save_to_disk(str(data))
+    size = sum(p.stat().st_size for p in data.rglob("*")) if data.is_dir() else data.stat().st_size
+    print(f"data: {data} ({args.pairs:,} pairs, {size / 2**20:,.1f} MiB)")
+    for streaming in (True,) if args.streaming_only else (True, False):
         out = work / ("run-streaming" if streaming else "run-memory")
         subprocess.run(["rm", "-rf", str(out)], check=True)  # no cache from an earlier run
         peak, seconds, lines = run(model, data, out, streaming, args.reference)

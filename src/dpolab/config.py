@@ -152,7 +152,7 @@ class TrainConfig:
     num_proc: int = 1
     """Tokenize the data in this many worker processes (same result as 1; worth it from tens of thousands of pairs). Tokenized pairs are cached in --output-dir/cache either way."""
     streaming: bool = False
-    """Read --data (.jsonl or .jsonl.gz) lazily and tokenize on the fly, shuffled in a bounded buffer, with reference log-probs in a memory-mapped file: for data larger than memory. Needs --max-steps; no --eval-split (use --eval-data)."""
+    """Read --data (any source it takes; folders and Hub names through datasets' IterableDataset) row by row and tokenize on the fly, shuffled in a bounded buffer, with reference log-probs in a memory-mapped file: for data larger than memory. Works under torchrun and with --resume. Needs --max-steps; no --eval-split (use --eval-data)."""
 
     # --- hardware ------------------------------------------------------------------------------
     precision: Literal["auto", "bf16", "fp32"] = "auto"

@@ -176,10 +176,6 @@ def _validate_streaming(c) -> None:
            "in advance)", "add --max-steps N")
     _check(not c.eval_split, "eval_split", "cannot hold out a fraction of streamed data",
            "pass held-out pairs as --eval-data instead")
-    _check(c.data.lower().endswith((".jsonl", ".jsonl.gz")), "data", f"--streaming reads .jsonl or .jsonl.gz files, "
-           f"got '{c.data}'", "convert the data to JSON Lines (one pair per line), or drop --streaming")
-    _check(c.resume is None, "resume", "resuming a --streaming run is not supported yet",
-           "rerun without --resume, or train without --streaming")
     _check(not getattr(get_loss(c.loss), "unpaired", False), "loss", f"--streaming reads preference pairs, not "
            f"'{c.loss}'s unpaired examples", "drop --streaming, or pick a pairwise loss")
 
