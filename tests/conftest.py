@@ -19,6 +19,16 @@ STORIES = SHARED / "models" / "stories260K"
 HH_TEST = SHARED / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 
 
+def quick_config(output_dir, model_dir, data, **overrides):
+    """A small deterministic run for tests: fp32, 3 steps of 8 pairs at learning rate 1e-3, seed 0, a
+    metrics row every step, no progress bars; ``overrides`` change any field."""
+    from dpolab.config import TrainConfig
+
+    values = dict(model=str(model_dir), data=str(data), output_dir=str(output_dir), precision="fp32",
+                  learning_rate=1e-3, batch_size=8, max_steps=3, logging_steps=1, progress=False, seed=0)
+    return TrainConfig(**{**values, **overrides})
+
+
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     """The real pretrained 260K-parameter Llama (HF format) from ../shared."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpolab
-from conftest import copy_task_rows, make_tiny_llama, make_word_tokenizer, write_jsonl
+from conftest import copy_task_rows, make_tiny_llama, make_word_tokenizer, write_jsonl, quick_config
 from dpolab import steps
 from dpolab.config import TrainConfig
 from dpolab.control import BetaControl, KLMonitor, adapt_scale, beta_at
@@ -20,10 +20,7 @@ def rows_of(result):
 
 
 def config(tmp_path, model_dir, data, **overrides):
-    values = dict(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "out"), precision="fp32",
-                  learning_rate=1e-3, batch_size=8, max_steps=5, logging_steps=1, progress=False, seed=0,
-                  warmup_ratio=0.0)
-    return TrainConfig(**{**values, **overrides})
+    return quick_config(tmp_path / "out", model_dir, data, **{"max_steps": 5, "warmup_ratio": 0.0, **overrides})
 
 
 @pytest.fixture()

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import dpolab
-from conftest import copy_task_rows, write_jsonl
+from conftest import copy_task_rows, write_jsonl, quick_config
 from dpolab import online, trainer
-from dpolab.config import TrainConfig
 from dpolab.data.batching import collate
 from dpolab.data.tokenize import TokenizedPair
 from dpolab.errors import ConfigError
@@ -39,10 +38,9 @@ def without_time(rows):
 
 
 def config(tmp_path, model_dir, data, **overrides):
-    values = dict(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "out"), precision="fp32",
-                  learning_rate=1e-2, batch_size=4, max_steps=3, logging_steps=1, progress=False, seed=0,
-                  warmup_ratio=0.0, online=True, judge=JUDGE, online_max_new_tokens=6)
-    return TrainConfig(**{**values, **overrides})
+    return quick_config(tmp_path / "out", model_dir, data, **{
+        "learning_rate": 1e-2, "batch_size": 4, "warmup_ratio": 0.0, "online": True, "judge": JUDGE,
+        "online_max_new_tokens": 6, **overrides})
 
 
 @pytest.fixture()

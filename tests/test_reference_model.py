@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import dpolab
-from conftest import copy_task_rows, make_tiny_llama, make_word_tokenizer, save_toy_model, write_jsonl
-from dpolab.config import TrainConfig
+from conftest import copy_task_rows, make_tiny_llama, make_word_tokenizer, save_toy_model, write_jsonl, quick_config
 from dpolab.errors import ConfigError
 from dpolab.prepare import load_tokenizer, prepare_data
 
@@ -18,10 +17,7 @@ def rows_of(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-def config(out, model_dir, data, **overrides):
-    values = dict(model=str(model_dir), data=str(data), output_dir=str(out), precision="fp32",
-                  learning_rate=1e-3, batch_size=8, max_steps=3, logging_steps=1, progress=False, seed=0)
-    return TrainConfig(**{**values, **overrides})
+config = quick_config
 
 
 @pytest.fixture()

@@ -7,18 +7,14 @@ import pytest
 import torch
 
 import dpolab
-from conftest import copy_task_rows, write_jsonl
+from conftest import copy_task_rows, write_jsonl, quick_config
 from dpolab import prepare
-from dpolab.config import TrainConfig
 from dpolab.data import tokenize
 from dpolab.data.load import load_pairs
 from dpolab.prepare import load_tokenizer, prepare_data, save_token_cache
 
 
-def config(out, model_dir, data, **overrides):
-    values = dict(model=str(model_dir), data=str(data), output_dir=str(out), precision="fp32",
-                  learning_rate=1e-3, batch_size=8, max_steps=3, logging_steps=1, progress=False, seed=0)
-    return TrainConfig(**{**values, **overrides})
+config = quick_config
 
 
 @pytest.fixture()

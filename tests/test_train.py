@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpolab
-from conftest import copy_task_rows, write_jsonl
+from conftest import copy_task_rows, write_jsonl, quick_config
 from dpolab import trainer
 from dpolab.config import TrainConfig
 
@@ -17,9 +17,7 @@ def rows_of(path):
 
 
 def config(tmp_path, model_dir, data, **overrides):
-    values = dict(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "out"), precision="fp32",
-                  learning_rate=1e-3, batch_size=8, max_steps=3, logging_steps=1, progress=False, seed=0)
-    return TrainConfig(**{**values, **overrides})
+    return quick_config(tmp_path / "out", model_dir, data, **overrides)
 
 
 @pytest.fixture()
