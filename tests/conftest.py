@@ -19,6 +19,36 @@ STORIES = SHARED / "models" / "stories260K"
 HH_TEST = SHARED / "data" / "hh-rlhf-harmless-base" / "test.jsonl.gz"
 
 
+def independent_logps(model_dir, cfg):
+    """log π(chosen|prompt), log π(rejected|prompt) of every training pair of ``cfg`` under the model in
+    ``model_dir``: one plain forward per sequence, log-softmax over the vocabulary, the completion tokens'
+    log-probs summed (no dpolab code on the model), as a [pairs, 2] float64 table."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpolab.prepare import load_tokenizer, prepare_data
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pairs = prepare_data(cfg, load_tokenizer(cfg)).train
+    table = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    with torch.no_grad():
+        for pair in pairs:
+            for col, completion in enumerate((pair.chosen_ids, pair.rejected_ids)):
+                ids = torch.tensor([pair.prompt_ids + completion])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+                n = len(pair.prompt_ids)
+                table[pair.index, col] = sum(logp[n + t - 1, tok] for t, tok in enumerate(completion))
+    return table
+
+
+def cached_reference_table(output_dir):
+    """The precomputed reference log-probs of a run's training pairs, as float64."""
+    import torch
+
+    (path,) = (Path(output_dir) / "cache").glob("reference-*.pt")
+    return torch.load(path, weights_only=True)["train"].double()
+
+
 def quick_config(output_dir, model_dir, data, **overrides):
     """A small deterministic run for tests: fp32, 3 steps of 8 pairs at learning rate 1e-3, seed 0, a
     metrics row every step, no progress bars; ``overrides`` change any field."""

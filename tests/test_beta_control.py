@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpolab
-from conftest import copy_task_rows, make_tiny_llama, make_word_tokenizer, write_jsonl, quick_config
+from conftest import copy_task_rows, make_tiny_llama, make_word_tokenizer, quick_config, write_jsonl
 from dpolab import steps
 from dpolab.config import TrainConfig
 from dpolab.control import BetaControl, KLMonitor, adapt_scale, beta_at

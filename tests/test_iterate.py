@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_word_tokenizer
+from conftest import cached_reference_table, independent_logps, make_word_tokenizer
 from dpolab.cli import main
 from dpolab.errors import ConfigError
 from dpolab.iterate import iterate, round_prompts
@@ -46,30 +46,12 @@ def read_rows(config):
 
 
 def independent_reference(model_dir, pairs_path, config_dir):
-    """log π(y|x) of chosen and rejected of every pair of round-2's data under the model in ``model_dir``:
-    a plain forward per sequence, log-softmax, completion tokens summed (the tokens the trainer used)."""
-    from transformers import AutoModelForCausalLM
-
+    """log π(y|x) of chosen and rejected of every pair of round-2's data under the model in ``model_dir``,
+    on the tokens the trainer used (conftest.independent_logps: a plain forward per sequence)."""
     from dpolab.config import TrainConfig
-    from dpolab.prepare import load_tokenizer, prepare_data
 
-    cfg = TrainConfig(model=str(config_dir), data=str(pairs_path), output_dir="-", max_length=1024)
-    pairs = prepare_data(cfg, load_tokenizer(cfg)).train
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    table = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    with torch.no_grad():
-        for p in pairs:
-            for col, completion in enumerate((p.chosen_ids, p.rejected_ids)):
-                logits = model(input_ids=torch.tensor([p.prompt_ids + completion])).logits[0]
-                logp = torch.log_softmax(logits.double(), -1)
-                n = len(p.prompt_ids)
-                table[p.index, col] = sum(logp[n + t - 1, tok] for t, tok in enumerate(completion))
-    return table
-
-
-def cached_reference(round_dir):
-    (path,) = (round_dir / "cache").glob("reference-*.pt")
-    return torch.load(path, weights_only=True)["train"].double()
+    return independent_logps(model_dir, TrainConfig(model=str(config_dir), data=str(pairs_path), output_dir="-",
+                                                    max_length=1024))
 
 
 @pytest.mark.parametrize("reference_policy", ["previous", "initial"])
@@ -94,7 +76,7 @@ def test_two_rounds_end_to_end(tmp_path, tiny_model_dir, prompt_files, reference
     right = out / "round-1" / "final" if reference_policy == "previous" else tiny_model_dir
     wrong = tiny_model_dir if reference_policy == "previous" else out / "round-1" / "final"
     expected = independent_reference(right, out / "round-2" / "pairs.jsonl", tiny_model_dir)
-    assert torch.allclose(cached_reference(out / "round-2"), expected, atol=1e-4)
+    assert torch.allclose(cached_reference_table(out / "round-2"), expected, atol=1e-4)
     assert (independent_reference(wrong, out / "round-2" / "pairs.jsonl", tiny_model_dir) - expected).abs().max() > 1e-3
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import dpolab
-from conftest import copy_task_rows, write_jsonl, quick_config
+from conftest import copy_task_rows, quick_config, write_jsonl
 from dpolab import online, trainer
 from dpolab.data.batching import collate
 from dpolab.data.tokenize import TokenizedPair

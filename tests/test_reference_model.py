@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import dpolab
-from conftest import copy_task_rows, make_tiny_llama, make_word_tokenizer, save_toy_model, write_jsonl, quick_config
+from conftest import (cached_reference_table, copy_task_rows, independent_logps, make_tiny_llama, make_word_tokenizer,
+                      quick_config, save_toy_model, write_jsonl)
 from dpolab.errors import ConfigError
-from dpolab.prepare import load_tokenizer, prepare_data
 
 
 def rows_of(path):
@@ -31,29 +31,6 @@ def other_model_dir(tmp_path_factory):
     return save_toy_model(tmp_path_factory.mktemp("other-model"), seed=1)
 
 
-def independent_logps(model_dir, cfg):
-    """log π(chosen|prompt), log π(rejected|prompt) of every training pair: one plain forward per sequence,
-    log-softmax over the vocabulary, the completion tokens' log-probs summed (no dpolab code on the model)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    pairs = prepare_data(cfg, load_tokenizer(cfg)).train
-    table = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    with torch.no_grad():
-        for pair in pairs:
-            for col, completion in enumerate((pair.chosen_ids, pair.rejected_ids)):
-                ids = torch.tensor([pair.prompt_ids + completion])
-                logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-                n = len(pair.prompt_ids)
-                table[pair.index, col] = sum(logp[n + t - 1, tok] for t, tok in enumerate(completion))
-    return table
-
-
-def reference_table(out):
-    (path,) = (out / "cache").glob("reference-*.pt")
-    return torch.load(path, weights_only=True)["train"].double()
-
-
 def test_a_copy_of_the_model_as_reference_gives_the_default_run(tmp_path, tiny_model_dir, copy_data):
     same = tmp_path / "same-model"
     shutil.copytree(tiny_model_dir, same)
@@ -69,7 +46,7 @@ def test_precomputed_reference_is_the_other_model(tmp_path, tiny_model_dir, othe
     cfg = config(tmp_path / "out", tiny_model_dir, copy_data, reference_model=str(other_model_dir))
     result = dpolab.train(cfg)
     expected = independent_logps(other_model_dir, cfg)
-    assert torch.allclose(reference_table(result.output_dir), expected, atol=1e-4)
+    assert torch.allclose(cached_reference_table(result.output_dir), expected, atol=1e-4)
     # ... and not the policy's own initial weights: those give other numbers
     assert (independent_logps(tiny_model_dir, cfg) - expected).abs().max() > 0.1
     # step 1: policy = tiny model, reference = other model, so the loss is −log σ(β·h) with h from both

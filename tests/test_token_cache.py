@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpolab
-from conftest import copy_task_rows, write_jsonl, quick_config
+from conftest import copy_task_rows, quick_config, write_jsonl
 from dpolab import prepare
 from dpolab.data import tokenize
 from dpolab.data.load import load_pairs
