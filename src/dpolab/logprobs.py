@@ -19,9 +19,13 @@ from torch.utils.checkpoint import checkpoint
 
 from . import lora
 
-# Logits (tokens × vocabulary) per chunk: 16M fp32 logits = 64 MB, e.g. 2,048 tokens of a 8k vocabulary,
-# 110 tokens of a 152k one.
-LOGITS_PER_CHUNK = 1 << 24
+# Logits (tokens × vocabulary) per chunk: at most 8M (32 MB in fp32: a block glibc's malloc serves from
+# its heap, see dpolab.runtime.keep_freed_memory, where a larger one would be page-faulted in anew each
+# time; 55 tokens of a 152k vocabulary) and at most CHUNK_TOKENS tokens: a chunk whose logits stay in the
+# CPU's caches is up to 1.8x faster (measured on 2 cores, 2,720 tokens, forward / forward+backward:
+# vocab 8k 74 → 41 ms / 193 → 125 ms at 256 tokens instead of 2,048).
+LOGITS_PER_CHUNK = 1 << 23
+CHUNK_TOKENS = 256
 # Above this many logits in a whole batch (512 MB in fp32), chunks are recomputed in backward, not stored.
 RECOMPUTE_ABOVE = 1 << 27
 
@@ -64,9 +68,9 @@ def _token_logps(head_fn: Callable[[Tensor], Tensor], hidden: Tensor, targets: T
 def chunked_token_logps(head_fn: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor,
                         vocab_size: int, chunk_tokens: int | None = None) -> Tensor:
     """Token log-probs for [N, H] hidden states, ``chunk_tokens`` rows at a time (default: as many as
-    fit in ``LOGITS_PER_CHUNK`` logits)."""
+    fit in ``LOGITS_PER_CHUNK`` logits, at most ``CHUNK_TOKENS``)."""
     parts = []
-    chunk_tokens = chunk_tokens or max(16, LOGITS_PER_CHUNK // vocab_size)
+    chunk_tokens = chunk_tokens or max(16, min(CHUNK_TOKENS, LOGITS_PER_CHUNK // vocab_size))
     recompute = torch.is_grad_enabled() and hidden.shape[0] * vocab_size > RECOMPUTE_ABOVE
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
