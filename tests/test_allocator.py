@@ -45,13 +45,13 @@ def _probe(malloc: str | None) -> tuple[bool, int, int]:
 def test_tensors_come_from_the_heap_and_freed_memory_stays():
     applied, grown, kept = _probe(None)
     assert applied
-    assert grown >= 200 * MB, grown  # all ten blocks from the heap
-    assert kept >= 200 * MB, kept    # freed, but not handed back
+    assert grown >= 180 * MB, grown  # (about) all ten blocks from the heap
+    assert kept >= grown, kept       # freed, but not handed back
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
 def test_dpolab_malloc_system_leaves_glibc_defaults():
     applied, grown, kept = _probe("system")
     assert not applied
-    assert grown < 200 * MB, grown  # glibc mmap-s (at least) the first 20 MB block
-    assert kept < 200 * MB, kept
+    assert grown < 180 * MB, grown  # glibc mmap-s (at least) the first 20 MB block
+    assert kept < 180 * MB, kept

@@ -19,12 +19,13 @@ from torch.utils.checkpoint import checkpoint
 
 from . import lora
 
-# Logits (tokens × vocabulary) per chunk: at most 8M (32 MB in fp32: a block glibc's malloc serves from
-# its heap, see dpolab.runtime.keep_freed_memory, where a larger one would be page-faulted in anew each
-# time; 55 tokens of a 152k vocabulary) and at most CHUNK_TOKENS tokens: a chunk whose logits stay in the
-# CPU's caches is up to 1.8x faster (measured on 2 cores, 2,720 tokens, forward / forward+backward:
-# vocab 8k 74 → 41 ms / 193 → 125 ms at 256 tokens instead of 2,048).
-LOGITS_PER_CHUNK = 1 << 23
+# Logits (tokens × vocabulary) per chunk: at most 16M (64 MB in fp32; 110 tokens of a 152k vocabulary)
+# and at most CHUNK_TOKENS tokens: a chunk whose logits stay in the CPU's caches is up to 1.8x faster
+# (measured on 2 cores, 2,720 tokens, forward / forward+backward: vocab 8k 74 → 41 ms / 193 → 125 ms at
+# 256 tokens instead of 2,048; vocab 32k 311 → 275 / 1,012 → 872 ms at 256 instead of 524). Smaller
+# chunks of a 152k vocabulary (55 tokens) were faster still but made oneDNN's primitive cache hold
+# up to 2.5 GB more in some runs, so 16M stays.
+LOGITS_PER_CHUNK = 1 << 24
 CHUNK_TOKENS = 256
 # Above this many logits in a whole batch (512 MB in fp32), chunks are recomputed in backward, not stored.
 RECOMPUTE_ABOVE = 1 << 27

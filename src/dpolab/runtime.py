@@ -44,13 +44,13 @@ TRIM_THRESHOLD = 1 << 30
 def keep_freed_memory() -> bool:
     """Make the C allocator keep freed memory for reuse instead of handing it back to the OS.
 
-    CPU tensors come from malloc. By default glibc gives blocks back to the kernel (blocks it mmap-ed on
+    CPU tensors come from malloc. By default glibc gives blocks back to the kernel (blocks it mmap-ed, on
     free; the top of its heap once more than a few tens of MB there are free), so the next step's
-    activations, logits chunks and gradients, the same sizes as the last one's, page-fault their memory
-    in again: 24M page faults and 46 s of system time in 5 training steps of the 150k-vocabulary
-    benchmark, and reference passes that ran 20–30 % slower in some runs than others. Here blocks below
-    32 MB (glibc's maximum) always come from the heap and up to 1 GB of free heap is kept. Peak memory is
-    unchanged: what is kept is what a step uses anyway. ``DPOLAB_MALLOC=system`` leaves glibc's defaults.
+    activations and gradients, the same sizes as the last one's, page-fault their memory in again: in
+    5 training steps of the 150k-vocabulary benchmark, 24M page faults and 46 s of system time; on the
+    50m workload reference passes ran 20–30 % slower in some runs than in others. Here blocks below
+    32 MB (glibc's maximum for this setting) always come from the heap and up to 1 GB of free heap is
+    kept for the next step. ``DPOLAB_MALLOC=system`` leaves glibc's defaults.
     Returns whether the settings were applied (False off Linux/glibc).
     """
     if os.environ.get("DPOLAB_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
