@@ -4,7 +4,8 @@ log π(y|x) = Σ_t log softmax(W·h_t)[y_t], summed over completion positions on
 are masked). The LM head and the log-softmax are applied only to the hidden states that predict a
 completion token, in chunks of at most ``LOGITS_PER_CHUNK`` logits, so the full batch × length ×
 vocabulary logits tensor is never built; during training, when all the chunks together would hold more
-than ``RECOMPUTE_ABOVE`` logits, each chunk is recomputed in the backward pass instead of being stored.
+than ``RECOMPUTE_ABOVE`` logits, each chunk is recomputed in the backward pass instead of being stored
+(for a plain linear head by ``dpolab.head.HeadLogProbs``, whose backward walks the vocabulary in blocks).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import lora
+from .head import head_token_logps
 
 # Logits (tokens × vocabulary) per chunk: at most 16M (64 MB in fp32; 110 tokens of a 152k vocabulary)
 # and at most CHUNK_TOKENS tokens: a chunk whose logits stay in the CPU's caches is up to 1.8x faster
@@ -57,6 +59,7 @@ def split_model(model: torch.nn.Module) -> tuple[torch.nn.Module, Callable[[Tens
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
+    head_fn.linear = head if scale is None and softcap is None else None  # for dpolab.head
     return backbone, head_fn
 
 
@@ -73,6 +76,10 @@ def chunked_token_logps(head_fn: Callable[[Tensor], Tensor], hidden: Tensor, tar
     parts = []
     chunk_tokens = chunk_tokens or max(16, min(CHUNK_TOKENS, LOGITS_PER_CHUNK // vocab_size))
     recompute = torch.is_grad_enabled() and hidden.shape[0] * vocab_size > RECOMPUTE_ABOVE
+    if recompute and getattr(head_fn, "linear", None) is not None:  # a plain linear head: vocabulary-blocked backward
+        fused = head_token_logps(head_fn.linear, hidden, targets, chunk_tokens)
+        if fused is not None:
+            return fused
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if recompute:
